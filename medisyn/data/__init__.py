@@ -1,0 +1,1 @@
+"""Site data: the dataset contract."""
