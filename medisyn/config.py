@@ -84,11 +84,11 @@ class VAEConfig(_Frozen):
 
 
 class UNetConfig(_Frozen):
-    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    block_out_channels: tuple[int, ...] = (64, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 16
-    cross_attention: tuple[bool, ...] = (True, True, True)
+    cross_attention: tuple[bool, ...] = (True, True)
 
 
 class ModelConfig(_Frozen):

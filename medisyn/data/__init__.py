@@ -1,1 +1,29 @@
-"""Site data: the dataset contract."""
+"""Site data: the dataset contract (see docs/core-api.md)."""
+
+from medisyn.data.dataset import (
+    ConcatImageDataset,
+    DataReport,
+    ImageDataset,
+    build_prompt,
+    check_dataset,
+    collate,
+    label_prompts,
+    load_dataset,
+    read_raw,
+    to_model_space,
+)
+from medisyn.data.formats import RawData
+
+__all__ = [
+    "ConcatImageDataset",
+    "DataReport",
+    "ImageDataset",
+    "RawData",
+    "build_prompt",
+    "check_dataset",
+    "collate",
+    "label_prompts",
+    "load_dataset",
+    "read_raw",
+    "to_model_space",
+]

@@ -1,0 +1,216 @@
+"""``medisyn``: the umbrella command (data check, train, generate, demo, privacy, audit).
+
+Errors a person can cause are printed as one readable message and exit non-zero
+(config 2, data 3, privacy budget 4, ledger 5, other 1); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medisyn.errors import ConfigError, MediSynError
+
+app = typer.Typer(
+    name="medisyn",
+    help="MediSyn: federated, privacy-audited text-guided latent diffusion for medical images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect site data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+log = logging.getLogger("medisyn")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("check")
+def data_check(
+    dataset: Annotated[Path, typer.Argument(help="TOML file with a [dataset] table (a site config or a dataset file).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Read every record; print counts per split and label, sizes, duplicates and prompts."""
+    from medisyn.config import load_dataset_config
+    from medisyn.data import check_dataset
+
+    cfg = load_dataset_config(dataset)
+    report = check_dataset(cfg)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    typer.echo(f"dataset   {report.path}")
+    typer.echo(f"images    {report.n_images}" + (f" from {report.patients} patients" if report.patients else ""))
+    typer.echo("splits    " + ", ".join(f"{s}: {n}" for s, n in report.per_split.items()))
+    for s, labels in report.per_label.items():
+        typer.echo(f"  {s:8s}" + ", ".join(f"{lab} ({n})" for lab, n in sorted(labels.items())))
+    typer.echo("sizes     " + ", ".join(f"{k}: {n}" for k, n in report.sizes.items()))
+    typer.echo(f"exact duplicates {report.exact_duplicates} ({report.cross_split_duplicates} across splits)")
+    typer.echo("prompts")
+    for p, n in sorted(report.prompts.items()):
+        typer.echo(f"  {n:6d}  {p}")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _load_model_train_config(path: Path | None, preset: str, seed: int | None):
+    from medisyn.config import ModelConfig, TrainConfig, read_toml, validate
+
+    data = read_toml(path) if path else {}
+    unknown = set(data) - {"model", "train"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; allowed: [model], [train]")
+    model = dict(data.get("model", {}))
+    model.setdefault("preset", preset)
+    train = dict(data.get("train", {}))
+    if seed is not None:
+        train["seed"] = seed
+    return validate(ModelConfig, model, f"{path or 'defaults'} [model]"), validate(TrainConfig, train, f"{path or 'defaults'} [train]")
+
+
+@app.command()
+def train(
+    data: Annotated[list[Path], typer.Option("--data", help="Dataset TOML; repeat to pool several (centralised).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (model in diffusers layout).")],
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per stage.")] = 200,
+    preset: Annotated[str, typer.Option("--preset", help="tiny | sd")] = "tiny",
+    stage: Annotated[str, typer.Option("--stage", help="vae | unet | all")] = "all",
+    vae_steps: Annotated[int | None, typer.Option("--vae-steps", help="Steps for stage vae (default: --steps).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML with [model] and [train] tables.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints.")] = False,
+) -> None:
+    """Train on one or more datasets on this machine (stage vae, then unet)."""
+    from medisyn.config import config_hash, load_dataset_config
+    from medisyn.data import ConcatImageDataset, load_dataset
+    from medisyn.models import build_components, load_components, save_components, set_latent_scale
+    from medisyn.train import train_local
+
+    if stage not in ("vae", "unet", "all"):
+        raise ConfigError(f"--stage {stage!r} is not one of vae, unet, all")
+    model_cfg, train_cfg = _load_model_train_config(config, preset, seed)
+    stages = ["vae", "unet"] if stage == "all" else [stage]
+    if model_cfg.preset == "sd" and "vae" in stages:
+        stages.remove("vae")
+    dcfgs = [load_dataset_config(p) for p in data]
+    parts = [load_dataset(d, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=d.split.train) for d in dcfgs]
+    dataset = parts[0] if len(parts) == 1 else ConcatImageDataset(parts)
+    model_dir = out / "model"
+    if (model_dir / "model_index.json").is_file() and (resume or stages == ["unet"]):
+        components = load_components(model_dir)
+    elif stages == ["unet"] and model_cfg.preset == "tiny":
+        raise ConfigError(f"--stage unet needs a model with a trained VAE in {model_dir}; run --stage vae first")
+    else:
+        components = build_components(model_cfg, seed=train_cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+                "data": [str(p.resolve()) for p in data], "stages": stages, "steps": steps}
+    (out / "config.json").write_text(json.dumps({**resolved, "hash": config_hash(resolved)}, indent=2))
+    all_metrics: dict[str, dict] = {}
+    typer.echo(f"training on {len(dataset)} images from {len(parts)} dataset(s): stages {', '.join(stages)}")
+    for st in stages:
+        n = (vae_steps if vae_steps is not None else steps) if st == "vae" else steps
+        result = train_local(components, dataset, steps=n, config=train_cfg, stage=st,  # type: ignore[arg-type]
+                             checkpoint_dir=out / "checkpoints", resume=resume)
+        if st == "vae":
+            set_latent_scale(components, result.metrics["latent-std"])
+        all_metrics[st] = result.metrics
+        typer.echo(f"  {st}: {int(result.metrics['steps'])} steps, loss {result.metrics['loss']:.4f}, "
+                   f"{result.metrics['images-per-s']:.1f} images/s")
+        save_components(components, model_dir, extra={"config_hash": config_hash(resolved)})
+    (out / "metrics.json").write_text(json.dumps(all_metrics, indent=2))
+    typer.echo(f"model: {model_dir}")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option("--model", help="Model directory (diffusers layout).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", help="Prompt; repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for PNGs, sidecars and grid.png.")],
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 8,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 3.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="dpm | ddim | ddpm")] = "dpm",
+) -> None:
+    """Generate N images per prompt; same seed, same images."""
+    from medisyn.generate import generate as run_generate
+    from medisyn.generate import write_generated
+    from medisyn.models import load_components, model_hash
+
+    components = load_components(model)
+    items = run_generate(components, prompt, n_per_prompt=n, seed=seed, steps=steps, guidance=guidance,
+                         scheduler=scheduler, progress=True)
+    write_generated(items, out, model_hash=model_hash(model), steps=steps, guidance=guidance, scheduler=scheduler)
+    typer.echo(f"{len(items)} images, sidecars and grid.png in {out}")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A few-minute smoke run.")] = False,
+) -> None:
+    """Run a real federation on this machine: four hospitals, one per specialty."""
+    from medisyn.server.demo import run_demo
+
+    raise typer.Exit(run_demo(out, quick))
+
+
+def _mount_optional(name: str, module: str, help: str) -> None:
+    import importlib
+
+    try:
+        sub = importlib.import_module(module).app
+    except (ImportError, AttributeError):
+        return
+    app.add_typer(sub, name=name, help=help)
+
+
+_mount_optional("privacy", "medisyn.privacy.cli", "A site's privacy ledger and budget.")
+_mount_optional("audit", "medisyn.audit.cli", "Memorisation audit: validate, audit a site, release gate.")
+
+
+def main() -> None:
+    try:
+        app()
+    except MediSynError as e:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

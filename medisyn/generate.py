@@ -1,0 +1,138 @@
+"""Generation from prompts with a stock diffusers pipeline over our components.
+
+Every image has its own seed (``seed + k`` for the k-th image of the call), so any
+single image is reproducible from its sidecar: same seed, same image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from medisyn.errors import ConfigError
+from medisyn.models import Components, pipeline_from
+
+log = logging.getLogger(__name__)
+
+SchedulerName = Literal["dpm", "ddim", "ddpm"]
+
+
+@dataclass
+class Generated:
+    image: Image.Image
+    prompt: str
+    seed: int
+    index: int
+
+
+def sampling_scheduler(c: Components, name: str):
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    cfg = c.noise_scheduler.config
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
+    if name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(cfg)
+    raise ConfigError(f"unknown scheduler {name!r}; use dpm, ddim or ddpm")
+
+
+@torch.no_grad()
+def generate(
+    components: Components,
+    prompts: list[str],
+    *,
+    n_per_prompt: int,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 3.0,
+    scheduler: str = "dpm",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[Generated]:
+    """Generate ``n_per_prompt`` images for every prompt, in order."""
+    if n_per_prompt < 1:
+        raise ConfigError(f"n must be >= 1, got {n_per_prompt}")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    device = next(components.unet.parameters()).device
+    pipe = pipeline_from(components, scheduler=sampling_scheduler(components, scheduler))
+    pipe.set_progress_bar_config(disable=not progress)
+    jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(n_per_prompt))]
+    res = components.config.resolution
+    out: list[Generated] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
+        latents = torch.stack([
+            torch.randn((components.latent_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor), generator=g)
+            for g in gens
+        ]).to(device)
+        images = pipe(
+            prompt=[p for p, _ in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=res,
+            width=res,
+            latents=latents,
+            generator=gens,
+            output_type="pil",
+        ).images
+        for i, ((p, s), im) in enumerate(zip(chunk, images, strict=True)):
+            out.append(Generated(image=im, prompt=p, seed=s, index=start + i))
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def make_grid(images: list[Image.Image], ncols: int, scale: int = 2) -> Image.Image:
+    if not images:
+        raise ValueError("no images for a grid")
+    w, h = images[0].size
+    nrows = math.ceil(len(images) / ncols)
+    grid = Image.new("RGB", (ncols * w * scale, nrows * h * scale), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w * scale, h * scale), Image.Resampling.NEAREST),
+                   ((i % ncols) * w * scale, (i // ncols) * h * scale))
+    return grid
+
+
+def write_generated(items: list[Generated], out_dir: Path, *, model_hash: str, steps: int, guidance: float,
+                    scheduler: str, grid_cols: int | None = None) -> list[Path]:
+    """Write PNGs, one JSON sidecar each, and ``grid.png`` (one row per prompt)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, g in enumerate(items):
+        stem = f"{k:05d}-{_slug(g.prompt)}"
+        png = out_dir / f"{stem}.png"
+        g.image.save(png)
+        sidecar = {
+            "file": png.name,
+            "prompt": g.prompt,
+            "seed": g.seed,
+            "scheduler": scheduler,
+            "steps": steps,
+            "guidance": guidance,
+            "model_hash": model_hash,
+        }
+        (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))
+        paths.append(png)
+    if items:
+        per_prompt: dict[str, int] = {}
+        for g in items:
+            per_prompt[g.prompt] = per_prompt.get(g.prompt, 0) + 1
+        cols = grid_cols or max(per_prompt.values())
+        make_grid([g.image for g in items], ncols=min(cols, 16)).save(out_dir / "grid.png")
+    return paths

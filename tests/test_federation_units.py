@@ -1,0 +1,428 @@
+"""Unit tests of the federation: ServerApp logic and ClientApp handlers over an
+in-process Grid (no network, no Flower daemons), plus config/checks/checkpoint units."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from medisyn.server import federation as fed
+from medisyn.server.checkpoint import Checkpoint, latest_checkpoint, write_checkpoint
+from medisyn.server.checks import Candidate, check_replies
+from medisyn.server.config import FederationConfig, load_federation_config
+from medisyn.server.strategy import export_state, make_strategy, restore_state
+
+from medisyn.config import ModelConfig, TrainConfig, UNetConfig, VAEConfig
+from medisyn.errors import ConfigError, MediSynError, PrivacyBudgetError
+
+DEMO = Path(__file__).resolve().parents[1] / "medisyn" / "assets" / "demo"
+SITES = ["breast-us", "chest-xray", "fundus"]
+
+TINY_MODEL = ModelConfig(
+    resolution=16,
+    vae=VAEConfig(block_out_channels=(8, 16), norm_num_groups=4),
+    unet=UNetConfig(block_out_channels=(16, 32), norm_num_groups=8, cross_attention=(False, True)),
+)
+
+
+# --------------------------------------------------------------------------- in-process grid
+
+
+Tamper = Callable[[str, Message], Message]
+
+
+class LocalGrid(Grid):
+    """Calls the ClientApp in-process, one Context per node, as a SuperNode would."""
+
+    def __init__(self, node_configs: dict[int, dict], client_app, tamper: dict[int, Tamper] | None = None):
+        self.node_configs = node_configs
+        self.client_app = client_app
+        self.tamper = tamper or {}
+        self.replies: list[Message] = []  # every reply any ClientApp produced
+        self.crash_after_sends: int | None = None
+        self.sends = 0
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 0
+        TaskIdentity.task_id = 0
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        pass
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_configs)
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self.sends += 1
+        if self.crash_after_sends is not None and self.sends > self.crash_after_sends:
+            raise KeyboardInterrupt("simulated coordinator crash")
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+            try:
+                reply = self.client_app(msg, ctx)
+            except Exception as ex:  # what flwr-clientapp does with an exception
+                reply = Message(Error(code=2, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=msg)
+            self.replies.append(reply)
+            if node in self.tamper and not reply.has_error():
+                reply = self.tamper[node](self.node_configs[node]["site-config"], reply)
+            out.append(reply)
+        return out
+
+
+def write_site(tmp: Path, site_id: str, *, privacy: str = "") -> Path:
+    d = tmp / site_id
+    d.mkdir(parents=True, exist_ok=True)
+    ds = (DEMO / site_id / "dataset.toml").read_text()
+    ds = ds.replace('path = "dataset.npz"', f'path = "{(DEMO / site_id / "dataset.npz").as_posix()}"')
+    (d / "site.toml").write_text(
+        f'[site]\nid = "{site_id}"\nstate_dir = "state"\n\n{ds}\n{privacy}\n'
+        '[superlink]\naddress = "127.0.0.1:9092"\ninsecure = true\n'
+    )
+    return d / "site.toml"
+
+
+def node_configs(tmp: Path, sites=SITES, privacy: dict[str, str] | None = None) -> dict[int, dict]:
+    from medisyn.client.site import node_config_for
+
+    out = {}
+    for i, s in enumerate(sites):
+        p = write_site(tmp, s, privacy=(privacy or {}).get(s, ""))
+        out[1000 + i] = node_config_for(p, p.parent / "state")
+    return out
+
+
+def fed_cfg(tmp: Path, **kw) -> FederationConfig:
+    base = dict(
+        rounds=1, local_steps=2, stages=["vae", "unet"], min_sites=1, round_timeout=60,
+        site_wait_timeout=2, evaluate=False, model=TINY_MODEL,
+        train=TrainConfig(batch_size=8, num_threads=1), sites=SITES, run_dir=tmp / "run",
+    )
+    base.update(kw)
+    return FederationConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def client_app():
+    from medisyn.client.app import app
+
+    return app
+
+
+# --------------------------------------------------------------------------- end to end in process
+
+
+PATH_LIKE = re.compile(r"(/[\w.-]+){2,}")
+
+
+def assert_reply_is_clean(reply: Message, model_keys: set[str], secrets: list[str]) -> None:
+    """No real image, no embedding, no file path: only the stage's weights, numbers and the site id."""
+    if reply.has_error():
+        text = reply.error.reason
+        assert not PATH_LIKE.search(text), text
+        for s in secrets:
+            assert s not in text
+        return
+    content = reply.content
+    assert set(content.keys()) <= {"arrays", "metrics", "site"}
+    for rec in content.array_records.values():
+        assert set(rec.keys()) <= model_keys, "an array that is not a model weight left the site"
+    for rec in content.metric_records.values():
+        for k, v in rec.items():
+            assert isinstance(v, int | float), (k, v)
+    for rec in content.config_records.values():
+        assert set(rec.keys()) == {"site-id"}
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", rec["site-id"])
+
+
+def test_federation_in_process_trains_checkpoints_and_replies_are_clean(tmp_path, client_app):
+    from medisyn.models import build_components, trainable_state
+
+    cfg = fed_cfg(tmp_path, evaluate=True)
+    nodes = node_configs(tmp_path)
+    grid = LocalGrid(nodes, client_app)
+    initial = {s: {k: v.numpy().copy() for k, v in trainable_state(build_components(cfg.model, seed=cfg.seed), s).items()}
+               for s in ("vae", "unet")}
+
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+
+    records = fed.iter_metrics(cfg.run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    assert [r["stage"] for r in records] == ["vae", "unet"]
+    for r in records:
+        assert r["answered"] == 3 and r["failed"] == 0
+        assert set(r["sites"]) == set(SITES)
+        for m in r["sites"].values():
+            assert m["status"] == "ok" and m["num-examples"] > 0 and m["bytes-up"] > 0
+            assert np.isfinite(m["loss"]) and "eval-loss" in m
+        assert r["eval_loss"] is not None
+    ckpt = latest_checkpoint(cfg.run_dir)
+    assert ckpt is not None and ckpt.round == 2 and ckpt.stage == "unet"
+    assert ckpt.config_hash == cfg.hash() and len(ckpt.metrics) == 2
+    assert (ckpt.model_dir / "model_index.json").is_file()
+    assert fed.read_status(cfg.run_dir)["state"] == "done"
+
+    from medisyn.models import load_components
+
+    final = load_components(cfg.run_dir / "model")
+    for stage in ("vae", "unet"):
+        now = trainable_state(final, stage)
+        changed = sum(not np.allclose(now[k].numpy(), initial[stage][k]) for k in now)
+        assert changed > len(now) // 2, f"stage {stage}: global weights did not change"
+    # the latent scale was set from the sites' latent std after the VAE stage
+    assert final.scaling_factor != 1.0
+
+    # every reply any ClientApp produced: nothing but weights, numbers, the site id
+    model_keys = {*initial["vae"], *initial["unet"]}
+    secrets = [str(tmp_path), str(DEMO)]
+    assert len(grid.replies) == 4 * 3  # 2 train + 2 evaluate rounds x 3 sites
+    for reply in grid.replies:
+        assert_reply_is_clean(reply, model_keys, secrets)
+
+
+def test_nan_site_is_rejected_and_model_unaffected(tmp_path, client_app):
+    cfg = fed_cfg(tmp_path, stages=["vae"])
+
+    def nan_weights(_site, reply: Message) -> Message:
+        rec = reply.content["arrays"]
+        first = next(iter(rec))
+        a = rec[first].numpy().copy()
+        a.flat[0] = np.nan
+        rec[first] = Array(a)
+        return reply
+
+    nodes = node_configs(tmp_path)
+    honest = LocalGrid({k: v for k, v in nodes.items() if k != 1002}, client_app)
+    cfg_h = fed_cfg(tmp_path / "h", stages=["vae"], sites=SITES)
+    assert fed.run_federation(honest, cfg_h) == fed.Outcome.DONE
+
+    grid = LocalGrid(nodes, client_app, tamper={1002: nan_weights})
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    (rec,) = fed.iter_metrics(cfg.run_dir)
+    assert rec["answered"] == 2 and rec["failed"] == 1
+    assert rec["sites"]["fundus"]["status"] == "failed"
+    assert "non-finite" in rec["sites"]["fundus"]["reason"]
+
+    from medisyn.models import load_components, trainable_state
+
+    a = trainable_state(load_components(cfg.run_dir / "model"), "vae")
+    b = trainable_state(load_components(cfg_h.run_dir / "model"), "vae")
+    for k in a:  # same as a round without the bad site: deterministic local training
+        assert np.isfinite(a[k].numpy()).all()
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_budget_error_names_site_eps_and_cap_and_stops_run(tmp_path, client_app, monkeypatch):
+    import medisyn.train
+
+    def refuse(*_a, site_id="?", **_k):
+        raise PrivacyBudgetError(
+            f"planned steps would take ε from 7.91 to 8.40 > max_epsilon 8.0 (ledger /secret/{site_id}/ledger.json)"
+        )
+
+    monkeypatch.setattr(medisyn.train, "train_local", refuse)
+    cfg = fed_cfg(tmp_path, stages=["unet"])
+    grid = LocalGrid(node_configs(tmp_path), client_app)
+    assert fed.run_federation(grid, cfg) == fed.Outcome.BUDGET
+    assert fed.read_status(cfg.run_dir)["state"] == "budget-exhausted"
+    assert len(grid.replies) == 3
+    named = set()
+    for reply in grid.replies:
+        assert reply.has_error()
+        reason = reply.error.reason
+        assert "PrivacyBudgetError" in reason
+        named |= {s for s in SITES if f"site {s}:" in reason}
+        assert "7.91" in reason and "8.0" in reason
+        assert "/secret" not in reason and "<path>" in reason
+    assert named == set(SITES)
+    (rec,) = fed.iter_metrics(cfg.run_dir)
+    assert set(rec["sites"]) == set(SITES)  # the server names sites from their error replies
+
+
+def test_data_error_reply_has_no_path(tmp_path, client_app):
+    nodes = node_configs(tmp_path, sites=["fundus"])
+    site_toml = Path(nodes[1000]["site-config"])
+    bad = tmp_path / "fundus" / "missing.npz"
+    site_toml.write_text(re.sub(r'path = ".*"', f'path = "{bad.as_posix()}"', site_toml.read_text(), count=1))
+    cfg = fed_cfg(tmp_path, stages=["vae"], sites=["fundus"])
+    grid = LocalGrid(nodes, client_app)
+    fed.run_federation(grid, cfg)
+    (reply,) = grid.replies
+    assert reply.has_error() and "site fundus" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason and "missing.npz" not in reply.error.reason
+
+
+def test_resume_after_crash_continues_at_next_round(tmp_path, client_app):
+    cfg = fed_cfg(tmp_path, stages=["vae", "unet"], sites=SITES[:2], strategy={"name": "fedadam"})
+    nodes = node_configs(tmp_path, sites=SITES[:2])
+    grid = LocalGrid(nodes, client_app)
+    grid.crash_after_sends = 1  # round 1 completes, round 2 crashes
+    with pytest.raises(KeyboardInterrupt):
+        fed.run_federation(grid, cfg)
+    ckpt = latest_checkpoint(cfg.run_dir)
+    assert ckpt is not None and ckpt.round == 1
+    assert ckpt.strategy["class"] == "FedAdam" and ckpt.strategy_arrays  # moments saved
+
+    grid2 = LocalGrid(nodes, client_app)
+    assert fed.run_federation(grid2, cfg, resume=True) == fed.Outcome.DONE
+    assert [r["round"] for r in fed.iter_metrics(cfg.run_dir)] == [1, 2]
+    assert latest_checkpoint(cfg.run_dir).round == cfg.total_rounds == 2
+    assert len(grid2.replies) == 2  # only round 2 ran
+
+
+def test_no_sites_times_out(tmp_path, client_app):
+    cfg = fed_cfg(tmp_path, min_sites=3, site_wait_timeout=0.5)
+    grid = LocalGrid(node_configs(tmp_path, sites=SITES[:1]), client_app)
+    assert fed.run_federation(grid, cfg) == fed.Outcome.NO_SITES
+    assert "min_sites=3" in fed.read_status(cfg.run_dir)["message"]
+
+
+# --------------------------------------------------------------------------- units
+
+
+def _arrays(seed: int, shift: float = 0.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a": rng.normal(size=(3, 4)).astype(np.float32) + shift, "b": rng.normal(size=(5,)).astype(np.float32)}
+
+
+def test_check_replies_rejects_bad_replies_with_reasons():
+    ref = _arrays(0)
+    ok = [Candidate(f"s{i}", {k: v + 0.01 * (i + 1) for k, v in ref.items()}, {"num-examples": 10}) for i in range(3)]
+    cases = [
+        Candidate("nan", {**ref, "a": np.full((3, 4), np.nan, np.float32)}, {"num-examples": 10}),
+        Candidate("shape", {**ref, "a": np.zeros((4, 3), np.float32)}, {"num-examples": 10}),
+        Candidate("keys", {"a": ref["a"]}, {"num-examples": 10}),
+        Candidate("zero", dict(ref), {"num-examples": 0}),
+        Candidate("dtype", {**ref, "b": np.zeros(5, np.int64)}, {"num-examples": 10}),
+        Candidate("huge", {k: v + 100.0 for k, v in ref.items()}, {"num-examples": 10}),
+        Candidate("stranger", dict(ref), {"num-examples": 10}),
+    ]
+    v = check_replies(ok + cases, ref, expected_sites=[c.site for c in ok + cases if c.site != "stranger"])
+    assert sorted(c.site for c in v.accepted) == ["s0", "s1", "s2"]
+    reasons = dict(v.rejected)
+    assert "non-finite" in reasons["nan"]
+    assert "shape" in reasons["shape"]
+    assert "keys" in reasons["keys"]
+    assert "num-examples" in reasons["zero"]
+    assert "dtype" in reasons["dtype"]
+    assert "median" in reasons["huge"]
+    assert "expected sites" in reasons["stranger"]
+
+
+def test_check_replies_accepts_similar_updates():
+    ref = _arrays(0)
+    c = [Candidate(f"s{i}", {k: x + 0.1 * i for k, x in _arrays(i).items()}, {"num-examples": 5}) for i in range(1, 5)]
+    v = check_replies(c, ref)
+    assert len(v.accepted) == 4 and not v.rejected
+
+
+def test_fedadam_state_round_trip():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    s = make_strategy(FederationConfig(strategy={"name": "fedadam"}).strategy)
+    s.m_t = {"w": np.ones(3)}
+    s.v_t = {"w": np.full(3, 2.0)}
+    meta, arrays = export_state(s)
+    s2 = make_strategy(FederationConfig(strategy={"name": "fedadam"}).strategy)
+    restore_state(s2, json.loads(json.dumps(meta)), arrays)
+    np.testing.assert_array_equal(s2.v_t["w"], np.full(3, 2.0))
+    with pytest.raises(ValueError, match="FedAdam"):
+        restore_state(make_strategy(FederationConfig().strategy), meta, arrays)
+
+
+def test_fedprox_sends_proximal_mu():
+    from flwr.serverapp.strategy import FedProx
+
+    s = make_strategy(FederationConfig(strategy={"name": "fedprox", "proximal_mu": 0.5}).strategy)
+    assert isinstance(s, FedProx) and s.proximal_mu == 0.5
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    def save(d: Path) -> None:
+        d.mkdir(parents=True)
+        (d / "w.txt").write_text("x")
+
+    for r in (1, 2, 3):
+        write_checkpoint(tmp_path, Checkpoint(r, "unet", r, [{"round": r}], {}, "h"), save, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("round-*")) == ["round-0002", "round-0003"]
+
+    def broken(d: Path) -> None:
+        d.mkdir(parents=True)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_checkpoint(tmp_path, Checkpoint(4, "unet", 4, [], {}, "h"), broken, keep=2)
+    c = latest_checkpoint(tmp_path)
+    assert c.round == 3 and c.metrics == [{"round": 3}]
+    assert not list((tmp_path / "checkpoints").glob(".round-*"))
+
+
+def test_federation_config_validation(tmp_path):
+    cfg = FederationConfig(rounds=2, stage_rounds={"unet": 3}, stages=["vae", "unet"])
+    assert cfg.total_rounds == 5
+    assert cfg.round_plan()[2] == (3, "unet", 1)
+    for bad, match in [
+        ("stages = []", "stages"),
+        ('[strategy]\nname = "krum"', "strategy"),
+        ('min_sites = 3\nsites = ["a", "b"]', "min_sites"),
+        ('stages = ["unet"]\n[stage_rounds]\nvae = 1', "not in stages"),
+        ("[superlink]\ninsecure = false", "ssl_certfile"),
+        ("roundz = 1", "roundz"),
+    ]:
+        p = tmp_path / "f.toml"
+        p.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=match):
+            load_federation_config(p)
+
+
+def test_federation_config_resolves_run_dir(tmp_path):
+    p = tmp_path / "federation.toml"
+    p.write_text('run_dir = "runs/x"\nsites = ["a", "b"]\n[model]\nresolution = 16\n')
+    cfg = load_federation_config(p)
+    assert cfg.run_dir == (tmp_path / "runs/x").resolve()
+    assert cfg.model.resolution == 16
+
+
+def test_client_node_config_never_from_run_config(tmp_path, client_app):
+    """A train message without site node config fails; run_config is ignored."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    msg = Message(
+        content=RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"stage": "vae"})}),
+        message_type="train", dst_node_id=5, group_id="",
+    )
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                  run_config={"site-config": str(write_site(tmp_path, "fundus"))})
+    with pytest.raises(MediSynError, match="node config"):
+        client_app(msg, ctx)
+
+
+def test_metric_record_is_numbers_only():
+    MetricRecord({"num-examples": 3, "loss": 0.5})
