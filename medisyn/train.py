@@ -147,20 +147,19 @@ class _EMA:
 
 
 class _ShuffledBatches:
-    """Epoch-wise shuffled batches of record indices from a seeded generator."""
+    """Epoch-wise shuffled batches, a pure function of (seed, step): resume-safe."""
 
-    def __init__(self, n: int, batch_size: int, gen: torch.Generator):
-        self.n, self.batch_size, self.gen = n, min(batch_size, n), gen
-        self.perm = torch.randperm(n, generator=gen)
-        self.pos = 0
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = n // self.batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > self.n:
-            self.perm = torch.randperm(self.n, generator=self.gen)
-            self.pos = 0
-        idx = self.perm[self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return idx
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + 104729 * epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
 def _seed_for(config: TrainConfig, round: int, site_id: str) -> int:
@@ -312,9 +311,9 @@ def train_local(
             seen = int(extra.pop("_seen", 0))
         else:
             n = len(objective.records[0])
-            sampler = _ShuffledBatches(n, config.batch_size, gen)
+            sampler = _ShuffledBatches(n, config.batch_size, seed)
             for step in range(start, steps):
-                idx = sampler.next()
+                idx = sampler.batch(step)
                 batch = tuple(r[idx] for r in objective.records)
                 loss = objective.loss(module, batch, gen)
                 if not torch.isfinite(loss):

@@ -426,3 +426,93 @@ def test_client_node_config_never_from_run_config(tmp_path, client_app):
 
 def test_metric_record_is_numbers_only():
     MetricRecord({"num-examples": 3, "loss": 0.5})
+
+
+# --------------------------------------------------------------------------- supervisors (no daemons)
+
+
+def test_clientapp_module_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, medisyn.client.app; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'opacus', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+def test_superlink_argv_and_flwr_home(tmp_path):
+    from medisyn.server.supervisor import flwr_home_config, superlink_argv
+
+    cfg = fed_cfg(tmp_path, superlink={"port": 9555})
+    argv = superlink_argv(cfg)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "9555"
+    assert "--disable-runtime-dependency-installation" in argv and "--insecure" in argv
+    assert argv[argv.index("--database") + 1] == str(cfg.run_dir / "superlink.db")
+    assert "--database" not in superlink_argv(fed_cfg(tmp_path, superlink={"database": "memory"}))
+    assert 'address = "127.0.0.1:9555"' in flwr_home_config(cfg) and "insecure = true" in flwr_home_config(cfg)
+    tls = fed_cfg(tmp_path, superlink={"insecure": False, "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem",
+                                       "ssl_ca_certfile": "/ca.pem", "enable_supernode_auth": True})
+    argv = superlink_argv(tls)
+    assert "--insecure" not in argv and "--enable-supernode-auth" in argv and "/c.pem" in argv
+    assert 'root-certificates = "/ca.pem"' in flwr_home_config(tls)
+
+
+def test_supervisor_refuses_used_run_dir_without_resume(tmp_path):
+    from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
+
+    cfg = fed_cfg(tmp_path)
+    write_checkpoint(cfg.run_dir, Checkpoint(1, "vae", 1, [], {}, "h"), lambda d: d.mkdir(parents=True))
+    with pytest.raises(SupervisorError) as e:
+        ServerSupervisor(cfg, echo=lambda _m: None).prepare()
+    assert e.value.code == ExitCode.CONFIG and "--resume" in str(e.value)
+    sup = ServerSupervisor(cfg, resume=True, echo=lambda _m: None)
+    sup.prepare()
+    app = cfg.run_dir / "app" / "pyproject.toml"
+    assert 'clientapp = "medisyn.client.app:app"' in app.read_text()
+    assert [p.name for p in app.parent.iterdir()] == ["pyproject.toml"]  # the thin bundle
+    assert json.loads((cfg.run_dir / "federation.resolved.json").read_text())["rounds"] == cfg.rounds
+
+
+def test_format_round_shows_sites_eps_and_bytes():
+    from medisyn.server.supervisor import format_round
+
+    text = format_round({
+        "round": 2, "total_rounds": 4, "stage": "unet", "stage_round": 1, "answered": 1, "failed": 1,
+        "loss": 0.5, "eval_loss": None, "seconds": 12.0,
+        "sites": {"a": {"status": "ok", "loss": 0.5, "epsilon": 1.25, "num-examples": 10, "bytes-up": 2e6,
+                        "bytes-down": 2e6, "seconds": 3.0},
+                  "b": {"status": "failed", "reason": "rejected: weight 'x' has 1 non-finite values"}},
+    })
+    assert "round 2/4 [unet 1]" in text and "1 ok, 1 failed" in text
+    assert "ε 1.25" in text and "up 2.00 MB" in text and "FAILED" in text and "non-finite" in text
+
+
+def test_supernode_argv_and_node_config(tmp_path):
+    from medisyn.client.supervisor import load_site, node_config_arg, supernode_argv
+
+    p = write_site(tmp_path, "fundus")
+    site = load_site(p)
+    argv = supernode_argv(site, p, 9999)
+    assert argv[argv.index("--superlink") + 1] == "127.0.0.1:9092" and "--insecure" in argv
+    nc = argv[argv.index("--node-config") + 1]
+    from flwr.common.config import parse_config_args
+
+    parsed = parse_config_args([nc])
+    assert parsed == {"site-config": str(p.resolve()), "state-dir": str((p.parent / "state").resolve())}
+    with pytest.raises(ConfigError):
+        node_config_arg({"site-config": 'a"b'})
+
+
+def test_client_check_reports_data_and_policy(tmp_path):
+    from medisyn.client.supervisor import check_site
+
+    code, report = check_site(write_site(tmp_path, "breast-us", privacy="[privacy]\nmax_epsilon = 3.0\n"))
+    assert code == 0, report
+    assert report["data"]["n_images"] > 0 and report["policy"]["max_epsilon"] == 3.0
+    code, report = check_site(tmp_path / "nope.toml")
+    assert code == 2 and "not found" in report["error"]
+    bad = write_site(tmp_path / "x", "fundus")
+    bad.write_text(re.sub(r'path = ".*"', 'path = "/nonexistent/data.npz"', bad.read_text(), count=1))
+    code, report = check_site(bad)
+    assert code == 3, report

@@ -55,11 +55,13 @@ def _per_example_grads(module, loss_fn, batch, n):
     return out
 
 
+_NOISE = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
 def _fixed_unet_loss(unet, batch):
-    g = torch.Generator().manual_seed(7)
-    noise = torch.randn(batch["latent"].shape, generator=g)  # same noise for one or many
-    t = batch["t"]
-    pred = unet(batch["latent"] + noise, t, encoder_hidden_states=batch["text"]).sample
+    """ε-prediction loss with fixed per-record noise and timesteps (rows of the batch)."""
+    noise = _NOISE[batch["rows"]]
+    pred = unet(batch["latent"] + noise, batch["t"], encoder_hidden_states=batch["text"]).sample
     return ((pred - noise) ** 2).mean()
 
 
@@ -72,47 +74,45 @@ def _fixed_vae_loss(vae, batch):
 @pytest.mark.parametrize("which", ["unet", "vae"])
 def test_per_sample_gradients_match_per_example_autograd(tmp_path: Path, which: str) -> None:
     """The hooks the session attaches (in place, wrap_model=False) give the same
-    per-sample gradients as per-example autograd, for every trainable tensor."""
+    per-sample gradients as per-example autograd, for every trainable tensor.
+
+    The VAE case also covers the Opacus unfold2d channels-last bug that
+    ``install_opacus_fixes`` works around (convs after the VAE's mid-block attention)."""
     module = tiny_unet() if which == "unet" else tiny_vae()
-    loss_fn = _fixed_unet_loss if which == "unet" else _fixed_vae_loss
     b = 3
     ds = ToyLatents(b, seed=3)
-    batch = collate([ds[i] for i in range(b)])
+    full = collate([ds[i] for i in range(b)])
     if which == "unet":
-        batch = {"latent": batch["latent"], "text": batch["text"], "t": torch.tensor([10, 500, 990])}
-        # the same noise draw per example as in the batch: rows of one (b, ...) draw
-        g = torch.Generator().manual_seed(7)
-        full_noise = torch.randn(batch["latent"].shape, generator=g)
-        batch["latent"] = batch["latent"] + full_noise - full_noise  # unchanged, explicit
+        loss_fn = _fixed_unet_loss
+        batch = {
+            "latent": full["latent"],
+            "text": full["text"],
+            "t": torch.tensor([10, 500, 990]),
+            "rows": torch.arange(b),
+        }
     else:
-        batch = {"image": batch["image"]}
+        loss_fn = _fixed_vae_loss
+        batch = {"image": full["image"]}
     session = _session(module, tmp_path, stage=which)
     assert type(module).__name__ == ("UNet2DConditionModel" if which == "unet" else "AutoencoderKL")
-    if which == "unet":
-        # per-example noise must be the batch's rows: use a loss whose noise is per row
-        def batch_loss(m, bt):
-            g = torch.Generator().manual_seed(7)
-            noise = torch.randn((b, *bt["latent"].shape[1:]), generator=g)[bt["rows"]]
-            pred = m(bt["latent"] + noise, bt["t"], encoder_hidden_states=bt["text"]).sample
-            return ((pred - noise) ** 2).mean()
-
-        batch["rows"] = torch.arange(b)
-        loss_fn = batch_loss
     loss_fn(module, batch).backward()
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    grad_samples = {n: p.grad_sample.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    grad_samples = {
+        n: p.grad_sample.detach().clone() for n, p in module.named_parameters() if p.requires_grad
+    }
     assert all(g.shape[0] == b for g in grad_samples.values())
     session.close()
     assert _hook_count(module) == 0
     ref = _per_example_grads(module, loss_fn, batch, b)
-    worst = 0.0
-    for n in names:
+    global_scale = max(r[n].abs().max().item() for r in ref for n in r)
+    bad = []
+    for n, gs in grad_samples.items():
         for i in range(b):
-            diff = (grad_samples[n][i] - ref[i][n]).abs().max().item()
-            scale = ref[i][n].abs().max().item() + 1e-8
-            worst = max(worst, diff / scale if scale > 1e-6 else diff)
-    assert worst < 1e-3, f"max relative per-sample gradient error {worst}"
-    assert len(names) > 100
+            diff = (gs[i] - ref[i][n]).abs().max().item()
+            scale = ref[i][n].abs().max().item()
+            if diff > 1e-3 * scale + 1e-6 * global_scale:
+                bad.append((n, i, diff, scale))
+    assert not bad, f"per-sample gradients differ from per-example autograd: {bad[:5]}"
+    assert len(grad_samples) > 100
 
 
 def test_dp_round_trains_records_every_step_and_cleans_up(tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_refused_round_raises_before_any_step_and_leaves_ledger_unchanged(tmp_pa
     ledger.record_steps("unet", "run-0", 1, 1.0, 4 / 32, 30)
     blob = (tmp_path / LEDGER_NAME).read_bytes()
     spent = ledger.epsilon()
-    cap = spent + 0.05
+    cap = round(ledger.epsilon_after(1.0, 4 / 32, 1) + 0.001, 3)  # one more step fits, 20 do not
     strict = PRIV.model_copy(update={"max_epsilon": cap})
     unet = tiny_unet()
     params = [p.detach().clone() for p in unet.parameters()]
@@ -219,18 +219,16 @@ def test_vae_stage_runs_under_dp(tmp_path: Path) -> None:
 
 
 def test_sigma_from_target_epsilon_spends_the_target_over_the_plan(tmp_path: Path) -> None:
-    from opacus.accountants.utils import get_noise_multiplier
-
     priv = PrivacyConfig(dp=True, target_epsilon=4.0, planned_rounds=3, max_epsilon=5.0, accountant="rdp")
     s = _session(tiny_unet(), tmp_path, privacy=priv, n=64, batch_size=8, steps=5)
     s.close()
     delta = accounting.default_delta(64)
-    expected = get_noise_multiplier(
-        target_epsilon=4.0, target_delta=delta, sample_rate=8 / 64, steps=15, accountant="rdp"
-    )
-    assert s.noise_multiplier == pytest.approx(expected)
+    # the plan (3 rounds x 5 steps) spends the target (Opacus bisects to within 0.01 below)
     eps_plan = accounting.epsilon([(s.noise_multiplier, 8 / 64, 15)], delta, "rdp")
-    assert 3.9 <= eps_plan <= 4.0
+    assert 3.98 <= eps_plan <= 4.0
+    assert s.epsilon_planned == pytest.approx(
+        accounting.epsilon([(s.noise_multiplier, 8 / 64, 5)], delta, "rdp")
+    )
 
 
 def test_two_rounds_with_fresh_sessions_are_cumulative(tmp_path: Path) -> None:

@@ -222,13 +222,17 @@ def _merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """A copy of the UNet with LoRA adapters merged in (a plain UNet for stock loaders)."""
     if not _lora_active(unet):
         return unet
-    merged = copy.deepcopy(unet)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in merged.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-    merged.delete_adapters(list(merged.peft_config))
+    merged = copy.deepcopy(unet)
+    targets = [(n, m) for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in targets:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = merged.get_submodule(parent_name) if parent_name else merged
+        setattr(parent, child, module.get_base_layer())
+    del merged.peft_config
+    merged._hf_peft_config_loaded = False
     return merged
 
 

@@ -1,0 +1,247 @@
+"""Integration tests with real ``flower-superlink`` / ``flower-supernode`` processes on
+loopback (no Ray, no mocked Flower). Slow on 2 cores (every round starts a fresh
+``flwr-clientapp`` process per site), so the scenarios are combined and tiny."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from medisyn.server.config import FederationConfig
+from medisyn.server.federation import iter_metrics, read_status
+from medisyn.server.procs import child_env, executable, free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "medisyn" / "assets" / "demo"
+NAN_FAB = Path(__file__).parent / "nan_fab"
+
+TINY = {
+    "resolution": 16,
+    "vae": {"block_out_channels": [8, 16], "norm_num_groups": 4},
+    "unet": {"block_out_channels": [16, 32], "norm_num_groups": 8, "cross_attention": [False, True]},
+}
+
+
+def site_toml(tmp: Path, site: str, port: int) -> Path:
+    d = tmp / "sites" / site
+    d.mkdir(parents=True, exist_ok=True)
+    ds = (DEMO / site / "dataset.toml").read_text().replace(
+        'path = "dataset.npz"', f'path = "{(DEMO / site / "dataset.npz").as_posix()}"'
+    )
+    p = d / "site.toml"
+    p.write_text(f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{ds}\n'
+                 f'[superlink]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    return p
+
+
+def federation(tmp: Path, port: int, sites: list[str], database: str = "memory", **kw) -> FederationConfig:
+    base = dict(
+        rounds=2, local_steps=3, stages=["unet"], min_sites=len(sites), round_timeout=300,
+        site_wait_timeout=240, evaluate=False, model=TINY,
+        train={"batch_size": 8, "num_threads": 1}, sites=sites,
+        superlink={"host": "127.0.0.1", "port": port, "insecure": True, "database": database},
+        run_dir=str(tmp / "run"),
+    )
+    base.update(kw)
+    return FederationConfig.model_validate(base)
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    out = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(entry.name)) == pgid:
+                out.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def final_unet(run_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def initial_unet(cfg: FederationConfig) -> dict[str, np.ndarray]:
+    from medisyn.models import build_components
+
+    c = build_components(cfg.model, seed=cfg.seed)
+    return {k: v.detach().numpy().copy() for k, v in c.unet.state_dict().items()}
+
+
+@pytest.fixture
+def cleanup():
+    """Process groups to kill at teardown, whatever happened."""
+    groups: list[int] = []
+    yield groups
+    for pgid in groups:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+
+
+@pytest.mark.timeout(420)
+def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
+    """3 sites, 2 rounds of the real daemons:
+    - breast-us trains normally; fundus sends NaN weights (rejected, model stays finite);
+    - chest-xray's SuperNode is SIGKILLed mid-round 1: the round completes with the
+      others, its supervisor restarts it and it answers round 2;
+    - weights change, checkpoints and metrics.jsonl appear, per-site metrics arrive."""
+    from medisyn.client.supervisor import SiteSupervisor
+    from medisyn.server.supervisor import ServerSupervisor
+
+    port = free_port()
+    sites = ["breast-us", "chest-xray", "fundus"]
+    cfg = federation(tmp_path, port, sites, min_sites=3)
+    paths = {s: site_toml(tmp_path, s, port) for s in sites}
+    server = ServerSupervisor(cfg, echo=print, fab_dir=NAN_FAB)
+    sups: dict[str, SiteSupervisor] = {}
+    try:
+        server.prepare()
+        server.start_superlink()
+        cleanup.append(server.superlink.pid)
+        for s in sites:
+            env = {"OMP_NUM_THREADS": "1", **({"MEDISYN_TEST_NAN": "1"} if s == "fundus" else {})}
+            sups[s] = SiteSupervisor(paths[s], extra_env=env, echo=print).start()
+            cleanup.append(sups[s].daemon.pid)
+        server.submit()
+
+        victim = sups["chest-xray"]
+        first = victim.daemon.pid
+
+        def clientapp_running():
+            return any("flwr-clientapp" in cmd for _, cmd in group_members(first))
+
+        wait_for(clientapp_running, 240, "chest-xray's ClientApp to start round 1")
+        os.killpg(first, signal.SIGKILL)
+        wait_for(lambda: victim.restarts >= 1 and victim.daemon.pid != first, 60, "the supervisor to restart chest-xray")
+        cleanup.append(victim.daemon.pid)
+
+        code = server.watch()
+    finally:
+        for s in sups.values():
+            s.stop()
+        server.close()
+
+    assert code == 0
+    records = list(iter_metrics(cfg.run_dir))
+    assert [r["round"] for r in records] == [1, 2]
+    r1, r2 = records
+    assert r1["sites"]["breast-us"]["status"] == "ok"
+    assert r1["sites"]["fundus"]["status"] == "failed" and "non-finite" in r1["sites"]["fundus"]["reason"]
+    assert r1["answered"] == 1 and r1["failed"] == 2  # the killed node is reported as a failure
+    assert r2["sites"]["chest-xray"]["status"] == "ok", r2["sites"]  # rejoined after restart
+    assert r2["sites"]["breast-us"]["status"] == "ok"
+    assert r2["sites"]["fundus"]["status"] == "failed"
+    for r in records:
+        for m in r["sites"].values():
+            if m["status"] == "ok":
+                assert m["num-examples"] > 0 and np.isfinite(m["loss"]) and m["bytes-up"] > 0
+
+    assert (cfg.run_dir / "checkpoints" / "LATEST").read_text().strip() == "round-0002"
+    assert read_status(cfg.run_dir)["state"] == "done"
+    final = final_unet(cfg.run_dir)
+    start = initial_unet(cfg)
+    assert all(np.isfinite(v).all() for v in final.values())
+    changed = sum(not np.allclose(final[k], start[k]) for k in start)
+    assert changed > len(start) // 2
+    for s in sups.values():
+        assert not s.daemon.alive()
+
+
+@pytest.mark.timeout(420)
+def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
+    """`medisyn-server start` killed (SIGKILL, with its SuperLink) after round 1 of 2;
+    `medisyn-server start --resume` continues at round 2 and ends at round 2."""
+    from medisyn.client.supervisor import SiteSupervisor
+
+    port = free_port()
+    sites = ["breast-us", "dermoscopy"]
+    # SQLite SuperLink state here (2 sites): the path `medisyn-server` uses by default
+    cfg = federation(tmp_path, port, sites, database="sqlite", stages=["vae", "unet"], rounds=1)
+    cfg_path = tmp_path / "federation.toml"
+    cfg_path.write_text(_toml(cfg))
+    sups = [SiteSupervisor(site_toml(tmp_path, s, port), extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
+            for s in sites]
+    cleanup.extend(s.daemon.pid for s in sups)
+    env = child_env()
+    cli = [executable("medisyn-server"), "start", "--config", str(cfg_path)]
+    try:
+        first = subprocess.Popen(cli, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        cleanup.append(first.pid)
+        pids = cfg.run_dir / "pids.json"
+        wait_for(pids.is_file, 120, "the SuperLink to start")
+        cleanup.append(json.loads(pids.read_text())["superlink"])
+        wait_for(lambda: (cfg.run_dir / "checkpoints" / "LATEST").is_file(), 300, "round 1's checkpoint")
+        # crash: the supervisor and its SuperLink group die without cleanup
+        os.killpg(first.pid, signal.SIGKILL)
+        os.killpg(json.loads(pids.read_text())["superlink"], signal.SIGKILL)
+        first.wait(timeout=30)
+        assert [r["round"] for r in iter_metrics(cfg.run_dir)] == [1]
+
+        second = subprocess.run(cli + ["--resume"], env=env, capture_output=True, text=True, timeout=330,
+                                start_new_session=True)
+        print(second.stdout, second.stderr)
+        cleanup.append(json.loads(pids.read_text())["superlink"])
+    finally:
+        for s in sups:
+            s.stop()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming" in second.stdout and "round 2/2" in second.stdout
+    assert "round 1/2" not in second.stdout  # round 1 is not re-run
+    records = list(iter_metrics(cfg.run_dir))
+    assert [r["round"] for r in records] == [1, 2] and [r["stage"] for r in records] == ["vae", "unet"]
+    assert records[1]["answered"] == 2
+    state = json.loads((cfg.run_dir / "checkpoints" / "round-0002" / "state.json").read_text())
+    assert state["round"] == 2 == cfg.total_rounds and len(state["metrics"]) == 2
+    assert read_status(cfg.run_dir)["state"] == "done"
+    assert (cfg.run_dir / "model" / "model_index.json").is_file()
+
+
+def _toml(cfg: FederationConfig) -> str:
+    """A federation.toml for ``cfg`` (only the fields the test sets)."""
+    d = json.loads(cfg.model_dump_json())
+    lines = []
+    tables = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables[k] = v
+        elif v is not None:
+            lines.append(f"{k} = {json.dumps(v)}")
+    for name, t in tables.items():
+        scal = {k: v for k, v in t.items() if not isinstance(v, dict) and v is not None}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in scal.items()]
+        for sub, st in t.items():
+            if isinstance(st, dict):
+                lines.append(f"[{name}.{sub}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in st.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+if sys.platform != "linux":  # process groups, /proc
+    pytestmark = [pytestmark, pytest.mark.skip(reason="needs Linux")]
