@@ -32,7 +32,7 @@ def bare_loop(unet, latents, emb, scheduler, steps: int, batch: int) -> float:
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     n = len(latents)
     t0 = time.perf_counter()
-    for s in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, n, (batch,))
         x = latents[idx]
         noise = torch.randn_like(x)

@@ -210,6 +210,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # an internal error: still one readable line unless --debug
+        if _state["debug"]:
+            raise
+        typer.secho(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True,
+                    fg=typer.colors.RED)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

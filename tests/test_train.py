@@ -74,3 +74,34 @@ def test_nan_loss_is_an_error(breast_ds, tiny_cfg):
         next(c.unet.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train_local(c, breast_ds, steps=1, config=TrainConfig(batch_size=4), stage="unet", progress=False)
+
+
+def test_cli_train_two_stages_then_generate(tmp_path: Path, demo_site_toml: Path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        "[model]\nresolution = 16\n[model.vae]\nblock_out_channels = [8, 16]\nnorm_num_groups = 8\n"
+        "[model.unet]\nblock_out_channels = [16, 32]\nnorm_num_groups = 8\ncross_attention = [true, true]\n"
+        "[train]\nbatch_size = 8\n"
+    )
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "medisyn.cli", "train", "--data", str(demo_site_toml), "--out", str(out),
+                        "--steps", "2", "--config", str(cfg)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"vae", "unet"} and metrics["unet"]["steps"] == 2
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["model"]["resolution"] == 16 and len(resolved["hash"]) == 64
+    from medisyn.models import load_components
+
+    c = load_components(out / "model")
+    assert abs(c.scaling_factor - 1.0 / metrics["vae"]["latent-std"]) < 1e-5
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nbatch_size = 0\n")
+    r = subprocess.run([sys.executable, "-m", "medisyn.cli", "train", "--data", str(demo_site_toml), "--out", str(out),
+                        "--config", str(bad)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "train.batch_size" not in r.stderr and "batch_size" in r.stderr
+    assert "Traceback" not in r.stderr
