@@ -33,6 +33,8 @@ def small_npz(name: str, out: Path, *, n_train: int, n_val: int, n_test: int = 0
         parts = {s: src[f"{s}_images"] for s in ("train", "val", "test")}
     data = {"train_images": parts["train"][:n_train], "val_images": parts["val"][:n_val],
             "test_images": parts["test"][:n_test]}
+    for s in ("train", "val", "test"):
+        data[f"{s}_labels"] = np.zeros(len(data[f"{s}_images"]), dtype=np.uint8)
     np.savez(out, **data)
     return out
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from medisyn.audit.cli import app
 from medisyn.audit.gate import evaluate
 from medisyn.audit.report import (
@@ -26,6 +24,7 @@ from medisyn.audit.report import (
 )
 from medisyn.audit.site_audit import build_release_report
 from medisyn.audit.stats import rate
+from typer.testing import CliRunner
 
 
 def _r(k, n):

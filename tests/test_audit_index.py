@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from medisyn.audit.embedders import l2n
 from medisyn.audit.index import NNIndex
 

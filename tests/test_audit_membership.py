@@ -6,9 +6,17 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
-
 from medisyn.audit.membership import components_loss_fn, membership_probe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: one thread is fastest
+    yield
+    torch.set_num_threads(old)
 
 
 def _imgs(n, seed):
@@ -77,3 +85,31 @@ def test_components_adapter_is_deterministic_per_sample():
     assert c2.shape == (5,)
     r = membership_probe(f, imgs, _imgs(5, 3), n_max=5, n_boot=20)
     assert 0.0 <= r["auc"] <= 1.0 and r["n_members"] == 5
+
+
+@pytest.mark.slow
+def test_real_components_adapter_and_vae_view():
+    """The adapter and the VAE view on medisyn's own Components (~40 s: loads MiniLM)."""
+    import os
+
+    if os.environ.get("MEDISYN_SLOW") != "1":
+        pytest.skip("slow: set MEDISYN_SLOW=1")
+    from medisyn.audit.embedders import VAEEmbedder
+
+    from medisyn.config import ModelConfig, UNetConfig, VAEConfig
+    from medisyn.models import build_components
+
+    cfg = ModelConfig(resolution=16, channels=1,
+                      vae=VAEConfig(block_out_channels=(8, 8), norm_num_groups=4),
+                      unet=UNetConfig(block_out_channels=(16, 16), cross_attention=(True, True),
+                                      norm_num_groups=4, attention_head_dim=4))
+    c = build_components(cfg)
+    imgs = _imgs(6, 7)
+    f = components_loss_fn(c)
+    a = f(imgs, ["radiology, chest x-ray, normal"] * 6)
+    assert a.shape == (6,) and np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, f(imgs, ["radiology, chest x-ray, normal"] * 6), rtol=1e-5)
+    v = VAEEmbedder(c.vae, resolution=16, channels=1)
+    v.fit(imgs)
+    e = v.embed(imgs)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)

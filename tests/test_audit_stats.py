@@ -7,7 +7,6 @@ import math
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from medisyn.audit import stats
 from medisyn.audit.calibration import View, clean_splits
 from medisyn.audit.embedders import PixelEmbedder

@@ -17,7 +17,6 @@ from flwr.app import (
     Context,
     Error,
     Message,
-    MetricRecord,
     RecordDict,
 )
 from flwr.serverapp import Grid
@@ -144,7 +143,7 @@ def client_app():
 PATH_LIKE = re.compile(r"(/[\w.-]+){2,}")
 
 
-def assert_reply_is_clean(reply: Message, model_keys: set[str], secrets: list[str]) -> None:
+def assert_reply_is_clean(reply: Message, model_sizes: set[int], secrets: list[str]) -> None:
     """No real image, no embedding, no file path: only the stage's weights, numbers and the site id."""
     if reply.has_error():
         text = reply.error.reason
@@ -155,7 +154,10 @@ def assert_reply_is_clean(reply: Message, model_keys: set[str], secrets: list[st
     content = reply.content
     assert set(content.keys()) <= {"arrays", "metrics", "site"}
     for rec in content.array_records.values():
-        assert set(rec.keys()) <= model_keys, "an array that is not a model weight left the site"
+        assert set(rec.keys()) == {"packed"}, "an array that is not the packed model weights left the site"
+        flat = rec["packed"].numpy()
+        assert flat.ndim == 1 and flat.dtype == np.float32
+        assert flat.size in model_sizes, "the packed weights are not exactly one stage's weights"
     for rec in content.metric_records.values():
         for k, v in rec.items():
             assert isinstance(v, int | float), (k, v)
@@ -202,11 +204,11 @@ def test_federation_in_process_trains_checkpoints_and_replies_are_clean(tmp_path
     assert final.scaling_factor != 1.0
 
     # every reply any ClientApp produced: nothing but weights, numbers, the site id
-    model_keys = {*initial["vae"], *initial["unet"]}
+    model_sizes = {sum(v.size for v in initial[s].values()) for s in ("vae", "unet")}
     secrets = [str(tmp_path), str(DEMO)]
     assert len(grid.replies) == 4 * 3  # 2 train + 2 evaluate rounds x 3 sites
     for reply in grid.replies:
-        assert_reply_is_clean(reply, model_keys, secrets)
+        assert_reply_is_clean(reply, model_sizes, secrets)
 
 
 def test_nan_site_is_rejected_and_model_unaffected(tmp_path, client_app):
@@ -424,8 +426,18 @@ def test_client_node_config_never_from_run_config(tmp_path, client_app):
         client_app(msg, ctx)
 
 
-def test_metric_record_is_numbers_only():
-    MetricRecord({"num-examples": 3, "loss": 0.5})
+def test_pack_unpack_round_trip_and_size_check():
+    from medisyn.client import site as site_ops
+
+    a = _arrays(3)
+    flat = fed.pack(a)
+    assert flat.dtype == np.float32 and flat.size == 17
+    np.testing.assert_array_equal(site_ops.pack(a), flat)  # client and server agree
+    back = site_ops.unpack(flat, fed.layout_of(a))
+    for k in a:
+        np.testing.assert_array_equal(back[k], a[k])
+    with pytest.raises(ValueError, match="needs 17 values"):
+        fed.unpack(flat[:-1], fed.layout_of(a))
 
 
 # --------------------------------------------------------------------------- supervisors (no daemons)
@@ -448,8 +460,9 @@ def test_superlink_argv_and_flwr_home(tmp_path):
     argv = superlink_argv(cfg)
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "9555"
     assert "--disable-runtime-dependency-installation" in argv and "--insecure" in argv
+    assert "--database" not in argv  # in-memory SuperLink state by default
+    argv = superlink_argv(fed_cfg(tmp_path, superlink={"database": "sqlite"}))
     assert argv[argv.index("--database") + 1] == str(cfg.run_dir / "superlink.db")
-    assert "--database" not in superlink_argv(fed_cfg(tmp_path, superlink={"database": "memory"}))
     assert 'address = "127.0.0.1:9555"' in flwr_home_config(cfg) and "insecure = true" in flwr_home_config(cfg)
     tls = fed_cfg(tmp_path, superlink={"insecure": False, "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem",
                                        "ssl_ca_certfile": "/ca.pem", "enable_supernode_auth": True})
@@ -516,3 +529,26 @@ def test_client_check_reports_data_and_policy(tmp_path):
     bad.write_text(re.sub(r'path = ".*"', 'path = "/nonexistent/data.npz"', bad.read_text(), count=1))
     code, report = check_site(bad)
     assert code == 3, report
+
+
+def test_query_hook_enforces_site_policy(tmp_path, client_app):
+    """The audit query: refused when the site's policy does not allow the audit; until
+    the lead wires medisyn.audit, an allowed audit fails with a clear message."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    p = write_site(tmp_path, "fundus", privacy='[privacy]\nallowed_audits = ["copy-detection"]\n')
+    from medisyn.client.site import node_config_for
+
+    ctx = Context(run_id=1, node_id=5, node_config=node_config_for(p, p.parent / "state"),
+                  state=RecordDict(), run_config={})
+
+    def ask(audit: str) -> Message:
+        return Message(content=RecordDict({"config": ConfigRecord({"audit": audit})}),
+                       message_type="query", dst_node_id=5, group_id="")
+
+    with pytest.raises(MediSynError, match="not allowed by the site's policy"):
+        client_app(ask("membership"), ctx)
+    import medisyn.audit as audit_pkg
+
+    if not hasattr(audit_pkg, "site_query"):
+        with pytest.raises(MediSynError, match="not wired"):
+            client_app(ask("copy-detection"), ctx)

@@ -57,7 +57,21 @@ def test_show_prints_spent_cap_left_and_rounds_that_fit(tmp_path: Path) -> None:
     assert accounting.epsilon([*hist, (1.2, q, 10 * k)], 1e-5, "rdp") <= 8.0
     assert accounting.epsilon([*hist, (1.2, q, 10 * (k + 1))], 1e-5, "rdp") > 8.0
     # a plan given on the command line
-    res = runner.invoke(app, ["show", "--site", str(toml), "--json", "--sigma", "1.0", "--steps", "20", "--sample-rate", str(q)])
+    res = runner.invoke(
+        app,
+        [
+            "show",
+            "--site",
+            str(toml),
+            "--json",
+            "--sigma",
+            "1.0",
+            "--steps",
+            "20",
+            "--sample-rate",
+            str(q),
+        ],
+    )
     k2 = json.loads(res.output)["rounds_that_fit"]
     assert accounting.epsilon([*hist, (1.0, q, 20 * k2)], 1e-5, "rdp") <= 8.0
     assert accounting.epsilon([*hist, (1.0, q, 20 * (k2 + 1))], 1e-5, "rdp") > 8.0

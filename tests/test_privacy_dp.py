@@ -16,7 +16,9 @@ from medisyn.privacy.tiny import ToyLatents, collate, tiny_unet, tiny_vae, unet_
 
 torch.set_num_threads(1)
 
-PRIV = PrivacyConfig(dp=True, noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=50.0, accountant="rdp")
+PRIV = PrivacyConfig(
+    dp=True, noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=50.0, accountant="rdp"
+)
 
 
 def _session(module, tmp_path: Path, *, privacy=PRIV, n=32, batch_size=4, steps=3, rnd=1, **kw):
@@ -49,9 +51,14 @@ def _per_example_grads(module, loss_fn, batch, n):
     out = []
     for i in range(n):
         module.zero_grad(set_to_none=True)
-        one = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v[i : i + 1]) for k, v in batch.items()}
+        one = {
+            k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v[i : i + 1])
+            for k, v in batch.items()
+        }
         loss_fn(module, one).backward()
-        out.append({n_: p.grad.detach().clone() for n_, p in module.named_parameters() if p.requires_grad})
+        out.append(
+            {n_: p.grad.detach().clone() for n_, p in module.named_parameters() if p.requires_grad}
+        )
     return out
 
 
@@ -219,7 +226,9 @@ def test_vae_stage_runs_under_dp(tmp_path: Path) -> None:
 
 
 def test_sigma_from_target_epsilon_spends_the_target_over_the_plan(tmp_path: Path) -> None:
-    priv = PrivacyConfig(dp=True, target_epsilon=4.0, planned_rounds=3, max_epsilon=5.0, accountant="rdp")
+    priv = PrivacyConfig(
+        dp=True, target_epsilon=4.0, planned_rounds=3, max_epsilon=5.0, accountant="rdp"
+    )
     s = _session(tiny_unet(), tmp_path, privacy=priv, n=64, batch_size=8, steps=5)
     s.close()
     delta = accounting.default_delta(64)
@@ -248,3 +257,58 @@ def test_two_rounds_with_fresh_sessions_are_cumulative(tmp_path: Path) -> None:
     for _ in range(4):
         acc.step(noise_multiplier=1.0, sample_rate=4 / 32)
     assert eps[1] == pytest.approx(acc.get_epsilon(delta=accounting.default_delta(32)), rel=1e-9)
+
+
+def test_state_dir_api_with_a_tensor_dataset_and_seed_not_used_for_noise(tmp_path: Path) -> None:
+    """The training loop's call: TensorDataset records, ledger opened from state_dir and
+    site_id. The training seed must not seed DP noise: two sessions with the same seed
+    and the same model must add different noise."""
+    from torch.utils.data import TensorDataset
+
+    ds = ToyLatents(16)
+    records = TensorDataset(ds.latents, ds.text)
+    results = []
+    for i in range(2):
+        unet = tiny_unet()
+        s = DPSession(
+            unet,
+            torch.optim.SGD(unet.parameters(), lr=0.1),
+            records,
+            batch_size=4,
+            privacy=PRIV,
+            state_dir=tmp_path / f"s{i}",
+            site_id="site-a",
+            stage="unet",
+            run_id="r",
+            round=1,
+            planned_steps=2,
+            seed=1234,
+        )
+        batch = next(s.batches())
+        assert s.is_empty(batch) or (isinstance(batch, list) and batch[0].shape[1:] == (4, 8, 8))
+        s.noise_only_step()
+        s.close()
+        results.append(torch.cat([p.detach().flatten() for p in unet.parameters()]))
+        assert PrivacyLedger.open(tmp_path / f"s{i}", "site-a", "rdp").total_steps == 1
+    assert not torch.equal(results[0], results[1])
+
+
+def test_conv_per_sample_gradients_on_channels_last_input_are_fixed() -> None:
+    """Regression for the Opacus 1.6 unfold2d bug: a channels-last activation (what the
+    diffusers VAE attention emits) gave zero per-sample conv weight gradients."""
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    from medisyn.privacy.dp import install_opacus_fixes
+
+    install_opacus_fixes()
+    install_opacus_fixes()  # idempotent
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    x = torch.randn(3, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    out = conv(x)
+    backprops = torch.randn_like(out)
+    gs = GradSampleHooks.GRAD_SAMPLERS[torch.nn.Conv2d](conv, [x], backprops)[conv.weight]
+    for i in range(3):
+        (g,) = torch.autograd.grad(conv(x[i : i + 1]), conv.weight, backprops[i : i + 1])
+        torch.testing.assert_close(gs[i], g, rtol=1e-4, atol=1e-5)
+    assert gs.abs().sum() > 0

@@ -93,9 +93,18 @@ def test_sigkill_mid_round_leaves_a_valid_ledger_counting_every_step(tmp_path: P
     restored = open_site_ledger(tmp_path, "site-k", priv, n_records=32)
     assert restored.total_steps == ledger.total_steps
     with DPSession(
-        unet, torch.optim.SGD(unet.parameters(), lr=0.01), ToyLatents(32), batch_size=2,
-        collate_fn=collate, privacy=priv, ledger=restored, stage="unet", run_id="run-k",
-        round=2, planned_steps=2, insecure_seed=0,
+        unet,
+        torch.optim.SGD(unet.parameters(), lr=0.01),
+        ToyLatents(32),
+        batch_size=2,
+        collate_fn=collate,
+        privacy=priv,
+        ledger=restored,
+        stage="unet",
+        run_id="run-k",
+        round=2,
+        planned_steps=2,
+        insecure_seed=0,
     ) as s:
         s.noise_only_step()
         s.noise_only_step()

@@ -34,7 +34,9 @@ def _fill(ledger: PrivacyLedger, rows=KNOWN, *, one_step_at_a_time: bool = False
 
 
 @pytest.mark.parametrize("kind", ["rdp", "prv"])
-def test_epsilon_equals_opacus_accountant_stepped_on_same_history(tmp_path: Path, kind: str) -> None:
+def test_epsilon_equals_opacus_accountant_stepped_on_same_history(
+    tmp_path: Path, kind: str
+) -> None:
     from opacus.accountants import create_accountant
 
     delta = 1e-5
@@ -156,6 +158,16 @@ def test_non_private_steps_make_epsilon_infinite(tmp_path: Path) -> None:
     ledger.record_non_private("unet", "r", 2, 5)
     assert math.isinf(PrivacyLedger.open(tmp_path, "s", "rdp").epsilon())
     assert ledger.would_exceed(100.0, 0.001, 1, 1e9)[0]
+
+
+def test_stale_temp_files_from_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path, "s", "rdp", 1e-5)
+    ledger.record_steps("unet", "r", 1, 1.0, 0.1, 1)
+    stale = tmp_path / ".privacy-ledger.json.abc123.tmp"
+    stale.write_text('{"half": ')
+    ledger.record_steps("unet", "r", 1, 1.0, 0.1, 1)
+    assert not stale.exists()
+    assert PrivacyLedger.open(tmp_path, "s", "rdp").total_steps == 2
 
 
 def test_two_writers_at_one_site_both_count(tmp_path: Path) -> None:

@@ -18,11 +18,18 @@ from medisyn.config import load_site_config
 from medisyn.errors import MediSynError
 from medisyn.privacy.ledger import PrivacyLedger
 
-app = typer.Typer(help="Sample-level differential privacy: the site's ledger.", no_args_is_help=True)
+app = typer.Typer(
+    help="Sample-level differential privacy: the site's ledger.", no_args_is_help=True
+)
 
 
 def rounds_that_fit(
-    ledger: PrivacyLedger, sigma: float, q: float, steps: int, max_epsilon: float, limit: int = 10_000
+    ledger: PrivacyLedger,
+    sigma: float,
+    q: float,
+    steps: int,
+    max_epsilon: float,
+    limit: int = 10_000,
 ) -> int:
     """How many more rounds of ``steps`` steps at (σ, q) keep ε ≤ ``max_epsilon``
     (ε is monotone in the number of rounds, so exponential then binary search)."""
@@ -60,7 +67,13 @@ def current_plan(ledger: PrivacyLedger) -> dict[str, Any] | None:
         if (e.stage, e.run_id, e.round) == (last.stage, last.run_id, last.round)
         and (e.sigma, e.q) == (last.sigma, last.q)
     )
-    return {"stage": last.stage, "run_id": last.run_id, "sigma": last.sigma, "q": last.q, "steps": steps}
+    return {
+        "stage": last.stage,
+        "run_id": last.run_id,
+        "sigma": last.sigma,
+        "q": last.q,
+        "steps": steps,
+    }
 
 
 def build_report(
@@ -78,7 +91,9 @@ def build_report(
     eps = ledger.epsilon()
     plan = current_plan(ledger)
     if plan is not None or sigma is not None:
-        plan = dict(plan or {"stage": None, "run_id": None, "sigma": None, "q": None, "steps": None})
+        plan = dict(
+            plan or {"stage": None, "run_id": None, "sigma": None, "q": None, "steps": None}
+        )
         if sigma is not None:
             plan["sigma"] = sigma
         elif plan["sigma"] is None and priv.noise_multiplier is not None:
@@ -110,12 +125,15 @@ def format_report(r: dict[str, Any]) -> str:
         return x if isinstance(x, str) else f"{x:.3f}"
 
     lines = [
-        f"site {r['site_id']}   ledger {r['ledger']}" + ("" if r["exists"] else "  (no DP steps yet)"),
+        f"site {r['site_id']}   ledger {r['ledger']}"
+        + ("" if r["exists"] else "  (no DP steps yet)"),
         f"accountant {r['accountant']}   δ = {r['delta']:.3g}   DP {'on' if r['dp'] else 'off'}",
         "",
     ]
     if r["runs"]:
-        lines.append(f"{'stage':<6} {'run':<24} {'rounds':<12} {'steps':>7} {'σ':>8} {'q':>8} {'ε alone':>8}")
+        lines.append(
+            f"{'stage':<6} {'run':<24} {'rounds':<12} {'steps':>7} {'σ':>8} {'q':>8} {'ε alone':>8}"
+        )
         for run in r["runs"]:
             rounds = run["rounds"]
             rs = f"{rounds[0]}-{rounds[-1]} ({len(rounds)})" if len(rounds) > 1 else str(rounds[0])

@@ -4,8 +4,9 @@ The session owns everything that makes a round differentially private, so the tr
 loop stays an ordinary loop::
 
     with DPSession(unet, opt, dataset, batch_size=32, collate_fn=collate,
-                   privacy=site.privacy, ledger=ledger, stage="unet",
-                   run_id=run_id, round=rnd, planned_steps=steps) as dp:
+                   privacy=site.privacy, state_dir=site.site.state_dir,
+                   site_id=site.site.id, stage="unet", run_id=run_id, round=rnd,
+                   planned_steps=steps) as dp:      # or ledger=PrivacyLedger.open(...)
         for batch in dp.batches():               # exactly planned_steps Poisson batches
             if dp.is_empty(batch):
                 dp.noise_only_step()            # empty Poisson batch: noise-only step
@@ -171,7 +172,7 @@ class DPSession:
         *,
         batch_size: int,
         privacy: PrivacyConfig,
-        ledger: PrivacyLedger,
+        ledger: PrivacyLedger | None = None,
         stage: str,
         run_id: str,
         round: int,
@@ -180,7 +181,18 @@ class DPSession:
         num_workers: int = 0,
         persist_every: int = 1,
         insecure_seed: int | None = None,
+        state_dir: os.PathLike[str] | str | None = None,
+        site_id: str | None = None,
+        seed: int | None = None,
     ) -> None:
+        """See the module docstring.
+
+        The ledger: pass ``ledger`` (a :class:`PrivacyLedger`), or ``state_dir`` and
+        ``site_id`` to open the site's ledger here (:func:`open_site_ledger`).
+        ``seed`` is accepted for symmetry with the non-DP loop and deliberately NOT
+        used: DP sampling and noise always come from ``os.urandom`` unless
+        ``insecure_seed`` is given (tests only; voids the guarantee).
+        """
         if not privacy.dp:
             raise ConfigError("DPSession needs [privacy] dp = true")
         if planned_steps < 1:
@@ -197,6 +209,16 @@ class DPSession:
                 f"per-sample gradients (on in: {', '.join(gc[:5])}). Set "
                 "[train] gradient_checkpointing = false (or use LoRA / a smaller batch)."
             )
+        if ledger is None:
+            if state_dir is None or site_id is None:
+                raise ConfigError(
+                    "DPSession needs the site's ledger: pass ledger=, or state_dir= and site_id="
+                )
+            ledger = open_site_ledger(state_dir, site_id, privacy, n_records=n)
+        elif site_id is not None and site_id != ledger.site_id:
+            raise ConfigError(f"site_id {site_id!r} does not match the ledger's {ledger.site_id!r}")
+        if seed is not None and insecure_seed is None:
+            logger.debug("DPSession ignores seed=%s: DP randomness comes from the OS", seed)
         self.module = module
         self.privacy = privacy
         self.ledger = ledger
@@ -218,7 +240,10 @@ class DPSession:
         self.delta = ledger.delta
         self.max_grad_norm = float(privacy.max_grad_norm)
         self.noise_multiplier = resolve_noise_multiplier(
-            privacy, delta=self.delta, sample_rate=self.sample_rate, planned_steps=self.planned_steps
+            privacy,
+            delta=self.delta,
+            sample_rate=self.sample_rate,
+            planned_steps=self.planned_steps,
         )
         self.steps_taken = 0
         self.noise_only_steps = 0
@@ -262,30 +287,44 @@ class DPSession:
         self._noise_gen = torch.Generator(device=device).manual_seed(seeds[1])
 
         install_opacus_fixes()
-        self.hooks = prepare_module(
-            module, "hooks", wrap_model=False, batch_first=True, loss_reduction="mean", strict=True
-        )
-        self.hooks.forbid_grad_accumulation()
-        self.optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,
-            loss_reduction="mean",
-            generator=self._noise_gen,
-        )
-        self.optimizer.attach_step_hook(self._on_noised_step)
-        self.data_loader = DataLoader(
-            dataset,
-            batch_sampler=UniformWithReplacementSampler(
-                num_samples=n,
-                sample_rate=self.sample_rate,
-                generator=self._sample_gen,
-                steps=self.planned_steps,
-            ),
-            collate_fn=_EmptyAwareCollate(collate_fn),
-            num_workers=num_workers,
-        )
+        try:
+            self.hooks = prepare_module(
+                module,
+                "hooks",
+                wrap_model=False,
+                batch_first=True,
+                loss_reduction="mean",
+                strict=True,
+            )
+        except NotImplementedError as e:
+            raise ConfigError(
+                f"Opacus cannot compute per-sample gradients for this model: {e}"
+            ) from None
+        try:
+            self.hooks.forbid_grad_accumulation()
+            self.optimizer = DPOptimizer(
+                optimizer,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
+                loss_reduction="mean",
+                generator=self._noise_gen,
+            )
+            self.optimizer.attach_step_hook(self._on_noised_step)
+            self.data_loader = DataLoader(
+                dataset,
+                batch_sampler=UniformWithReplacementSampler(
+                    num_samples=n,
+                    sample_rate=self.sample_rate,
+                    generator=self._sample_gen,
+                    steps=self.planned_steps,
+                ),
+                collate_fn=_EmptyAwareCollate(collate_fn),
+                num_workers=num_workers,
+            )
+        except BaseException:
+            self.hooks.cleanup()
+            raise
         logger.info(
             "DP round: site=%s stage=%s run=%s round=%d σ=%.4f q=%.5f C=%g steps=%d "
             "ε %.3f -> %.3f (δ=%.3g, %s, cap %g)",

@@ -293,7 +293,9 @@ class PrivacyLedger:
         after = self.epsilon_after(sigma, q, steps)
         return (not after <= max_epsilon), after
 
-    def rounds(self, stage: str | None = None, run_id: str | None = None) -> list[tuple[str, str, int]]:
+    def rounds(
+        self, stage: str | None = None, run_id: str | None = None
+    ) -> list[tuple[str, str, int]]:
         """Distinct (stage, run_id, round) with recorded steps, in order of first record."""
         seen: dict[tuple[str, str, int], None] = {}
         for e in self._entries:
@@ -372,6 +374,11 @@ class PrivacyLedger:
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
+            # Under the lock no writer is mid-write: temp files left by a killed process
+            # are stale.
+            for stale in self.state_dir.glob(".privacy-ledger.*.tmp"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
             if self.path.exists():
                 fresh = PrivacyLedger.open(self.state_dir, self.site_id, self.accountant)
                 if fresh.delta != self.delta:

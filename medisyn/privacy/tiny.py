@@ -80,7 +80,9 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def unet_loss(unet, batch: dict[str, Any], *, generator: torch.Generator | None = None) -> torch.Tensor:
+def unet_loss(
+    unet, batch: dict[str, Any], *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """DDPM-style ε-prediction loss (mean over the batch of per-record means)."""
     x0 = batch["latent"]
     b = x0.shape[0]

@@ -1,0 +1,151 @@
+"""The audit's own settings (``[audit]`` table of a site TOML) and the views it builds.
+
+``SiteConfig`` forbids unknown tables, so until the lead wires ``audit: AuditConfig`` into
+``SiteConfig``, :func:`load_site` reads the ``[audit]`` table itself and validates the rest
+with ``SiteConfig`` (paths resolved exactly like ``load_site_config``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from medisyn.config import SiteConfig, load_site_config, read_toml, validate
+from medisyn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class AuditConfig(BaseModel):
+    """Site-side audit settings; every field has a working default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    quantile: float = Field(default=0.999, gt=0.5, lt=1.0)
+    embedders: list[Literal["pixel", "contrastive", "vae"]] = Field(
+        default_factory=lambda: ["pixel", "contrastive", "vae"])
+    local_embedders: list[Path] = Field(default_factory=list)
+    near_duplicate: float | None = Field(default=0.995, gt=0, le=1)
+    contrastive_steps: int = Field(default=300, ge=1)
+    contrastive_batch: int = Field(default=128, ge=8)
+    contrastive_size: int = Field(default=32, ge=8, le=256)
+    contrastive_width: int = Field(default=32, ge=4)
+    contrastive_max_seconds: float | None = Field(default=900.0, gt=0)
+    n_plant: int = Field(default=500, ge=10)
+    seed: int = 0
+    exact_max: int = Field(default=200_000, ge=1)
+    recall_target: float = Field(default=0.999, gt=0, le=1)
+    alpha: float = Field(default=0.01, gt=0, lt=0.5)
+    threads: int | None = Field(default=2, ge=1)
+    neighbours: int = Field(default=5, ge=1, le=100)
+    db_crop_grid: int = Field(default=3, ge=0, le=7)  # index 80% crops at grid×grid positions
+    db_blur: float = Field(default=0.8, ge=0, le=3)  # also index 3x3-blurred training views
+    query_flips: bool = True  # score queries and their horizontal/vertical mirrors
+    pixel_shifts: int = Field(default=2, ge=0, le=4)  # pixel view: query shifts up to ±N px
+    contrastive_proxy_weight: float = Field(default=0.0, ge=0)
+    contrastive_preblur: float = Field(default=0.8, ge=0, le=3)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Limit torch and faiss to ``n`` threads for the duration (None: leave as is). On a
+    shared CPU, small ops with more threads than free cores mostly wait on each other."""
+    if not n:
+        yield
+        return
+    import faiss
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+        faiss.omp_set_num_threads(old)
+
+
+def load_site(path: Path) -> tuple[SiteConfig, AuditConfig]:
+    """A site TOML -> (SiteConfig, AuditConfig); ``[audit]`` is optional."""
+    path = Path(path)
+    data = read_toml(path)
+    audit_data = data.pop("audit", None)
+    audit = validate(AuditConfig, audit_data or {}, f"{path} [audit]")
+    if audit_data is None:
+        return load_site_config(path), _resolve_audit(audit, path.parent.resolve())
+    cfg: SiteConfig = validate(SiteConfig, data, str(path))
+    base = path.parent.resolve()
+    sd = cfg.site.state_dir
+    cfg = cfg.model_copy(update={
+        "dataset": cfg.dataset.resolved(base),
+        "site": cfg.site.model_copy(update={"state_dir": sd if sd.is_absolute() else (base / sd).resolve()}),
+    })
+    return cfg, _resolve_audit(audit, base)
+
+
+def _resolve_audit(a: AuditConfig, base: Path) -> AuditConfig:
+    dirs = [p if p.is_absolute() else (base / p).resolve() for p in a.local_embedders]
+    return a.model_copy(update={"local_embedders": dirs})
+
+
+def site_channels(images: Sequence[np.ndarray]) -> int:
+    a = np.asarray(images[0])
+    return 1 if a.ndim == 2 or a.shape[-1] == 1 else 3
+
+
+def crop_grid_for(embedder: Any, audit: AuditConfig) -> int:
+    """Database-side crops help learned views; the pixel view cannot use them."""
+    from medisyn.audit.embedders import PixelEmbedder
+
+    return 0 if isinstance(embedder, PixelEmbedder) else audit.db_crop_grid
+
+
+def db_blur_for(embedder: Any, audit: AuditConfig) -> float:
+    from medisyn.audit.embedders import PixelEmbedder
+
+    return 0.0 if isinstance(embedder, PixelEmbedder) else audit.db_blur
+
+
+def make_embedders(audit: AuditConfig, *, channels: int, cache_dir: Path | None,
+                   components: Any | None = None) -> list[Any]:
+    """The views configured for a site. ``vae`` needs ``components`` (skipped otherwise)."""
+    from medisyn.audit.embedders import (
+        ContrastiveEmbedder,
+        LocalModelEmbedder,
+        PixelEmbedder,
+        VAEEmbedder,
+    )
+
+    out: list[Any] = []
+    for name in audit.embedders:
+        if name == "pixel":
+            out.append(PixelEmbedder(channels=channels, flip_invariant=not audit.query_flips,
+                                     shifts=audit.pixel_shifts))
+        elif name == "contrastive":
+            out.append(ContrastiveEmbedder(
+                channels=channels, size=audit.contrastive_size, width=audit.contrastive_width,
+                steps=audit.contrastive_steps, batch_size=audit.contrastive_batch,
+                seed=audit.seed, cache_dir=cache_dir, threads=audit.threads,
+                max_seconds=audit.contrastive_max_seconds,
+                proxy_weight=audit.contrastive_proxy_weight,
+                preblur=audit.contrastive_preblur))
+        elif name == "vae":
+            if components is None:
+                log.info("no model given: the VAE-latent view is skipped")
+                continue
+            mc = getattr(components, "config", None)
+            res = int(getattr(mc, "resolution", 32))
+            ch = int(getattr(mc, "channels", channels))
+            out.append(VAEEmbedder(components.vae, resolution=res, channels=ch))
+    for d in audit.local_embedders:
+        out.append(LocalModelEmbedder(d))
+    if not out:
+        raise ConfigError("[audit] embedders: no view left to audit with")
+    return out

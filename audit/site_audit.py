@@ -1,0 +1,504 @@
+"""The site-side audit of synthetic images and the server-side release report.
+
+Server-facing entry points (exact signatures in ``medisyn.audit.__doc__``):
+
+* :func:`audit_synthetic_at_site` — runs at a site on its own data, returns the shareable
+  aggregate (a JSON-safe dict, :class:`~medisyn.audit.report.SiteAggregate`), and writes the
+  site-local report (JSON + HTML with real nearest neighbours) when ``out_dir`` is given.
+* :func:`build_release_report` — runs on the server over the sites' aggregates.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from medisyn.audit import stats
+from medisyn.audit.calibration import View, clean_splits, similarity_quantiles
+from medisyn.audit.data import load_site_images
+from medisyn.audit.membership import components_loss_fn, membership_probe
+from medisyn.audit.report import (
+    GalleryItem,
+    ImageTypeMetrics,
+    MembershipSummary,
+    RateCI,
+    ReleaseReport,
+    SiteAggregate,
+    SitePrivacy,
+    ValidationSummary,
+    ViewSummary,
+    assert_shareable,
+    make_histogram,
+    png_base64,
+    render_release_html,
+    render_site_html,
+)
+from medisyn.audit.settings import (
+    AuditConfig,
+    cpu_threads,
+    crop_grid_for,
+    db_blur_for,
+    load_site,
+    make_embedders,
+    site_channels,
+)
+from medisyn.audit.validate import run_validation
+from PIL import Image
+
+from medisyn.config import SiteConfig, config_hash
+from medisyn.errors import DataError, MediSynError
+
+log = logging.getLogger(__name__)
+
+AUDIT_VERSION = "0.1.0"
+_RUN_INFO = {"train_seconds", "final_loss", "n_train", "steps_done"}
+Synthetic = tuple[str, np.ndarray, str]
+
+
+class AuditRefused(MediSynError):
+    """The site's policy does not allow the requested audit."""
+
+    exit_code = 6
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def image_type_of(prompt: str, site_image_type: str) -> str:
+    """Group a synthetic image by the image type its prompt names (site's own type when the
+    prompt contains it, else the prompt's second comma field, the caption's image type)."""
+    if site_image_type and site_image_type.lower() in prompt.lower():
+        return site_image_type
+    parts = [p.strip() for p in prompt.split(",")]
+    return parts[1] if len(parts) > 1 and parts[1] else (parts[0] or "unknown")
+
+
+def load_synthetic_dir(path: Path) -> list[Synthetic]:
+    """PNGs + one JSON sidecar each (``<stem>.json`` with ``"prompt"``; optional ``"id"``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError("synthetic image directory not found", file=path)
+    out: list[Synthetic] = []
+    for png in sorted(path.glob("*.png")):
+        if png.stem == "grid":
+            continue
+        side = png.with_suffix(".json")
+        if not side.is_file():
+            raise DataError("no JSON sidecar for this image (need <stem>.json with 'prompt')", file=png)
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"sidecar is not valid JSON: {e}", file=side) from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+            raise DataError("sidecar field 'prompt' missing or not a string", file=side)
+        with Image.open(png) as im:
+            arr = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB"))
+        out.append((str(meta.get("id", png.stem)), arr.astype(np.uint8), meta["prompt"]))
+    if not out:
+        raise DataError("no synthetic PNG images found", file=path)
+    return out
+
+
+def _rateci(k: int, n: int) -> RateCI:
+    r = stats.rate(k, n)
+    return RateCI(count=int(r["count"]), n=int(r["n"]), rate=float(r["rate"]),
+                  ci_low=float(r["ci_low"]), ci_high=float(r["ci_high"]))
+
+
+def _validation_summary(v: Mapping[str, Any]) -> ValidationSummary:
+    return ValidationSummary(
+        detection_rate={k: float(x) for k, x in v["detection_rate"].items()},
+        detection={k: RateCI(**r) for k, r in v["detection"].items() if k in v["detection_rate"]},
+        false_positive_rate=float(v["false_positive_rate"]),
+        false_positive=RateCI(**v["false_positive"]),
+        thresholds={k: float(x) for k, x in v["thresholds"].items()},
+        targets_met={k: bool(x) for k, x in v["targets_met"].items()},
+        validated=bool(v["validated"]),
+        n_planted_per_family=int(v["n_planted_per_family"]),
+    )
+
+
+def _primary(views: Sequence[View]) -> View:
+    for pref in ("contrastive", "vae"):
+        for v in views:
+            if v.name == pref:
+                return v
+    return views[-1]
+
+
+def audit_synthetic_at_site(
+    site_config: SiteConfig | Path | str,
+    synthetic_images: Sequence[Synthetic],
+    components: Any | None = None,
+    *,
+    audit_config: AuditConfig | None = None,
+    out_dir: Path | None = None,
+    privacy: SitePrivacy | Mapping[str, Any] | None = None,
+    model_hash: str | None = None,
+    per_sample_loss: Callable[..., np.ndarray] | None = None,
+    validate: bool = True,
+) -> dict[str, Any]:
+    """Audit synthetic images against this site's training data; return the aggregate.
+
+    ``synthetic_images``: ``(id, uint8 H×W[×C] image, prompt)`` triples. ``components``:
+    the model (``medisyn.models.Components``) or ``None``; with it the VAE-latent view and
+    (if the site allows ``membership``) the membership probe run. ``out_dir``: where the
+    site-local report goes (default ``<state_dir>/audit/reports/<timestamp>``). The return
+    value is JSON-safe and checked by :func:`assert_shareable` before it is returned.
+    """
+    if isinstance(site_config, str | Path):
+        site_config, file_audit = load_site(Path(site_config))
+        audit_config = audit_config or file_audit
+    audit = audit_config or AuditConfig()
+    with cpu_threads(audit.threads):
+        return _audit(site_config, synthetic_images, components, audit=audit, out_dir=out_dir,
+                      privacy=privacy, model_hash=model_hash, per_sample_loss=per_sample_loss,
+                      validate=validate)
+
+
+def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: Any | None, *,
+           audit: AuditConfig, out_dir: Path | None, privacy: SitePrivacy | Mapping[str, Any] | None,
+           model_hash: str | None, per_sample_loss: Callable[..., np.ndarray] | None,
+           validate: bool) -> dict[str, Any]:
+    allowed = set(cfg.privacy.allowed_audits)
+    if "copy-detection" not in allowed:
+        raise AuditRefused(f"site {cfg.site.id}: privacy.allowed_audits = {sorted(allowed)} "
+                           "does not include 'copy-detection'")
+    if not synthetic_images:
+        raise DataError("no synthetic images to audit")
+    ids = [str(s[0]) for s in synthetic_images]
+    if len(set(ids)) != len(ids):
+        raise DataError("synthetic image ids are not unique")
+    syn_imgs = [np.asarray(s[1]) for s in synthetic_images]
+    prompts = [str(s[2]) for s in synthetic_images]
+    state = Path(cfg.site.state_dir) / "audit"
+    out_dir = Path(out_dir) if out_dir is not None else (
+        state / "reports" / _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
+
+    images = load_site_images(cfg.dataset)
+    has_p = images.has_patients()
+    clean = clean_splits(images.train, images.holdout,
+                         train_patients=images.train_patients if has_p else None,
+                         holdout_patients=images.holdout_patients if has_p else None,
+                         near_dup=audit.near_duplicate)
+    train = [images.train[i] for i in clean.train_idx]
+    hold = [images.holdout[j] for j in clean.holdout_idx]
+    embs = make_embedders(audit, channels=site_channels(train), cache_dir=state / "encoders",
+                          components=components)
+
+    validation = None
+    if validate:
+        # reuse the site's last validation when data, settings and views are unchanged
+        from medisyn.audit.embedders import images_hash
+
+        for e in embs:
+            e.fit(train)
+        key = config_hash({"train": images_hash(train), "holdout": images_hash(images.holdout),
+                           "audit": audit.model_dump(mode="json", exclude={"local_embedders"}),
+                           "views": [{k2: v2 for k2, v2 in e.describe().items()
+                                      if k2 not in _RUN_INFO} for e in embs]})
+        cached = state / "validation.json"
+        if cached.is_file():
+            try:
+                old = json.loads(cached.read_text())
+                if old.get("cache_key") == key:
+                    validation = old
+                    log.info("reusing detector validation from %s", cached)
+            except json.JSONDecodeError:
+                pass
+        if validation is None:
+            validation = run_validation(images, audit, embedders=embs, breakdown=False)
+            validation["cache_key"] = key
+            _write_json(cached, validation)
+
+    views = []
+    for e in embs:
+        e.fit(train)
+        views.append(View(e, train, exact_max=audit.exact_max, db_crop_grid=crop_grid_for(e, audit),
+                          db_blur=db_blur_for(e, audit),
+                          query_flips=audit.query_flips))
+    # held-out scores: threshold on all clean held-out; baseline by 2-fold cross-fitting
+    hold_scores = {}
+    for v in views:
+        hold_scores[v.name] = v.score(hold)[0]
+        v.calibrate(hold, audit.quantile)
+    rng = np.random.default_rng(audit.seed)
+    perm = rng.permutation(len(hold))
+    a_idx, b_idx = perm[: len(hold) // 2], perm[len(hold) // 2:]
+    base_flag = np.zeros(len(hold), bool)
+    for fit_idx, test_idx in ((a_idx, b_idx), (b_idx, a_idx)):
+        for v in views:
+            t = stats.conservative_quantile(hold_scores[v.name][fit_idx], audit.quantile)
+            base_flag[test_idx] |= hold_scores[v.name][test_idx] >= t
+    baseline = _rateci(int(base_flag.sum()), len(hold))
+
+    k = min(audit.neighbours, len(train))
+    syn_scores: dict[str, np.ndarray] = {}
+    syn_nn: dict[str, np.ndarray] = {}
+    flagged = np.zeros(len(syn_imgs), bool)
+    fired: dict[str, np.ndarray] = {}
+    for v in views:
+        s, i = v.score(syn_imgs, k=k) if k > 1 else (lambda a: (a[0][:, None], a[1][:, None]))(v.score(syn_imgs))
+        syn_scores[v.name], syn_nn[v.name] = s, i
+        fired[v.name] = s[:, 0] >= v.threshold
+        flagged |= fired[v.name]
+
+    # share of synthetic closer to train than to held-out (equal-size sets, primary view)
+    pv = _primary(views)
+    n_eq = min(len(train), len(hold))
+    sub = rng.choice(len(train), n_eq, replace=False)
+    from medisyn.audit.index import NNIndex
+
+    q = pv.embedder.embed(syn_imgs)
+    s_tr = NNIndex(pv.train_vectors[sub]).search(q, 1)[0][:, 0]
+    s_ho = NNIndex(pv.embedder.embed(hold)).search(q, 1)[0][:, 0]
+    closer = s_tr > s_ho
+
+    # patients (or images, where no ids exist) matched by a flag
+    at_risk: set[str] = set()
+    for n_i in np.where(flagged)[0]:
+        for v in views:
+            for s_val, t_i in zip(syn_scores[v.name][n_i], syn_nn[v.name][n_i], strict=True):
+                if s_val >= v.threshold and t_i >= 0:
+                    orig = clean.train_idx[int(t_i)]
+                    pid = images.train_patients[orig] if has_p else None
+                    at_risk.add(f"p:{pid}" if pid is not None else f"i:{orig}")
+
+    types = [image_type_of(p, images.image_type) for p in prompts]
+
+    def metrics(name: str, mask: np.ndarray) -> ImageTypeMetrics:
+        fl = flagged[mask]
+        p = stats.fisher_greater(int(fl.sum()), int(mask.sum()), baseline.count, baseline.n)
+        return ImageTypeMetrics(
+            image_type=name, n_synthetic=int(mask.sum()),
+            similarity_quantiles={v.name: similarity_quantiles(syn_scores[v.name][mask, 0])
+                                  for v in views},
+            flagged=_rateci(int(fl.sum()), int(mask.sum())), holdout_baseline=baseline,
+            p_value_vs_baseline=p, significantly_above_baseline=p < audit.alpha,
+            closer_to_train=_rateci(int(closer[mask].sum()), int(mask.sum())),
+            flagged_ids=[ids[i] for i in np.where(mask & flagged)[0]],
+            histograms={v.name: make_histogram(syn_scores[v.name][mask, 0], hold_scores[v.name])
+                        for v in views},
+        )
+
+    per_type = [metrics(t, np.array([x == t for x in types])) for t in sorted(set(types))]
+    overall = metrics("all", np.ones(len(ids), bool))
+
+    membership = None
+    if "membership" in allowed and (per_sample_loss is not None or components is not None):
+        fn = per_sample_loss or components_loss_fn(components, seed=audit.seed)
+        try:
+            mres = membership_probe(fn, train, hold, n_max=256, seed=audit.seed)
+            membership = MembershipSummary(**{k2: mres[k2] for k2 in MembershipSummary.model_fields})
+        except Exception as e:  # the copy audit must not fail because a model is odd
+            log.warning("membership probe failed: %s", e)
+
+    pr = privacy if isinstance(privacy, SitePrivacy) else SitePrivacy(**(privacy or {}))
+    if pr.max_epsilon is None:
+        pr = pr.model_copy(update={"max_epsilon": cfg.privacy.max_epsilon, "dp": cfg.privacy.dp})
+    findings = {k2: v2 for k2, v2 in clean.findings.items()
+                if isinstance(v2, int | float) or v2 is None}
+    agg = SiteAggregate(
+        site_id=cfg.site.id, created=_now(), audit_version=AUDIT_VERSION,
+        audit_config_hash=config_hash(audit.model_dump(mode="json", exclude={"local_embedders"})),
+        n_synthetic=len(ids), n_train_indexed=len(train), n_holdout_calibration=len(hold),
+        alpha=audit.alpha,
+        views=[ViewSummary(name=v.name, kind=str(v.embedder.describe().get("kind")),
+                           threshold=float(v.threshold), quantile=audit.quantile,
+                           n_holdout=int(v.calibration["n_holdout"]), note=v.calibration["note"],
+                           weights_sha256=v.embedder.describe().get("weights_sha256"),
+                           index=v.index.kind) for v in views],
+        image_types=per_type, overall=overall,
+        flagged_ids=[ids[i] for i in np.where(flagged)[0]],
+        patients_at_risk=len(at_risk), data_findings=findings,
+        validation=_validation_summary(validation) if validation else None,
+        membership=membership, privacy=pr, model_hash=model_hash,
+    )
+    out = agg.model_dump(mode="json")
+    forbidden = [str(cfg.dataset.path), str(cfg.site.state_dir),
+                 *[p for p in images.train_patients + images.holdout_patients if p]]
+    assert_shareable(out, forbidden=forbidden)
+
+    # ---- site-local report (stays on site)
+    details = []
+    flagged_pairs = []
+    for n_i in range(len(ids)):
+        entry: dict[str, Any] = {"id": ids[n_i], "prompt": prompts[n_i], "flagged": bool(flagged[n_i]),
+                                 "image_type": types[n_i], "views": {}}
+        neigh = []
+        for v in views:
+            nbs = []
+            for s_val, t_i in zip(syn_scores[v.name][n_i], syn_nn[v.name][n_i], strict=True):
+                orig = clean.train_idx[int(t_i)]
+                nbs.append({"similarity": float(s_val), "source": images.train_sources[orig]
+                            if images.train_sources else str(orig),
+                            "patient": images.train_patients[orig] if has_p else None,
+                            "fires": bool(s_val >= v.threshold)})
+                if flagged[n_i] and len(neigh) < 6 and (s_val >= v.threshold or len(neigh) < 2):
+                    neigh.append({"view": v.name, "similarity": float(s_val),
+                                  "source": nbs[-1]["source"], "patient": nbs[-1]["patient"],
+                                  "image": images.train[orig]})
+            entry["views"][v.name] = {"threshold": v.threshold, "neighbours": nbs}
+        details.append(entry)
+        if flagged[n_i]:
+            flagged_pairs.append({"id": ids[n_i], "prompt": prompts[n_i], "synthetic": syn_imgs[n_i],
+                                  "neighbours": neigh})
+    local = {"kind": "medisyn-site-local-audit-report", "warning": "contains site-local data; never share",
+             "aggregate": out, "views": [v.describe() for v in views],
+             "data_findings": clean.findings, "validation": validation, "synthetic": details}
+    _write_json(out_dir / "site_report.json", local)
+    _write_text(out_dir / "site_report.html", render_site_html(agg, flagged_pairs))
+    _write_json(out_dir / "aggregate.json", out)
+    log.info("site %s: %d/%d synthetic images flagged; reports in %s", cfg.site.id,
+             int(flagged.sum()), len(ids), out_dir)
+    return out
+
+
+def build_release_report(
+    site_aggregates: Sequence[Mapping[str, Any] | SiteAggregate],
+    synthetic_images: Sequence[Synthetic],
+    *,
+    out_dir: Path,
+    privacy: Mapping[str, SitePrivacy | Mapping[str, Any]] | None = None,
+    model_hash: str | None = None,
+    config_hash: str | None = None,
+    released_ids: Sequence[str] | None = None,
+    alpha: float = 0.01,
+    gallery_per_prompt: int = 8,
+) -> ReleaseReport:
+    """Combine the sites' aggregates into the release report and run the gate.
+
+    ``released_ids`` defaults to every synthetic id not flagged by any site (flagged images
+    are excluded). ``privacy`` maps site id -> ε/δ/cap (from the ledgers); a site's own
+    aggregate value is used where it is missing. Writes ``out_dir/release_report.json``
+    and ``out_dir/release_report.html``; returns the validated report.
+    """
+    from medisyn.audit.gate import evaluate
+
+    sites = [a if isinstance(a, SiteAggregate) else SiteAggregate.model_validate(a)
+             for a in site_aggregates]
+    for a in sites:
+        assert_shareable(a.model_dump(mode="json"))
+    ids = [str(s[0]) for s in synthetic_images]
+    flagged = sorted({i for a in sites for i in a.flagged_ids})
+    released = list(released_ids) if released_ids is not None else [i for i in ids if i not in set(flagged)]
+    priv: dict[str, SitePrivacy] = {}
+    for a in sites:
+        given = (privacy or {}).get(a.site_id)
+        if given is None:
+            priv[a.site_id] = a.privacy
+        else:
+            p = given if isinstance(given, SitePrivacy) else SitePrivacy(**given)
+            if p.max_epsilon is None:
+                p = p.model_copy(update={"max_epsilon": a.privacy.max_epsilon})
+            priv[a.site_id] = p
+    verdict = evaluate(sites, priv, released, alpha=alpha)
+    gallery: list[GalleryItem] = []
+    per_prompt: dict[str, int] = {}
+    rel = set(released)
+    for sid, img, prompt in synthetic_images:
+        if str(sid) in rel and per_prompt.get(prompt, 0) < gallery_per_prompt:
+            per_prompt[prompt] = per_prompt.get(prompt, 0) + 1
+            gallery.append(GalleryItem(id=str(sid), prompt=prompt, png_base64=png_base64(img)))
+    report = ReleaseReport(
+        created=_now(), model_hash=model_hash, config_hash=config_hash, sites=sites,
+        privacy=priv, synthetic_ids=ids, released_ids=released,
+        excluded_ids=[i for i in ids if i not in rel], prompts={str(s[0]): s[2] for s in synthetic_images},
+        gallery=gallery, alpha=alpha, gate=verdict,
+    )
+    out_dir = Path(out_dir)
+    _write_json(out_dir / "release_report.json", report.model_dump(mode="json"))
+    images = {str(s[0]): np.asarray(s[1]) for s in synthetic_images}
+    _write_text(out_dir / "release_report.html", render_release_html(report, images))
+    return report
+
+
+def report_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def decode_synthetic_payload(payload: Any) -> list[Synthetic]:
+    """``[{"id", "prompt", "png_base64"}, ...]`` (a list, or its JSON string, optionally with
+    the ``json:`` prefix of ``medisyn.config.flatten``) -> (id, uint8 image, prompt)."""
+    import base64
+    import io
+
+    if isinstance(payload, str):
+        text = payload[5:] if payload.startswith("json:") else payload
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"synthetic payload is not valid JSON: {e}") from None
+    if not isinstance(payload, list):
+        raise DataError("synthetic payload must be a list of {id, prompt, png_base64}")
+    out: list[Synthetic] = []
+    for n, item in enumerate(payload):
+        if not isinstance(item, dict) or not {"id", "prompt", "png_base64"} <= set(item):
+            raise DataError("synthetic item needs 'id', 'prompt' and 'png_base64'", row=n)
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(item["png_base64"]))) as im:
+                arr = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB"))
+        except Exception as e:
+            raise DataError(f"synthetic item {item['id']!r}: not a PNG image ({e})", row=n) from None
+        out.append((str(item["id"]), arr.astype(np.uint8), str(item["prompt"])))
+    return out
+
+
+def encode_synthetic_payload(items: Sequence[Synthetic]) -> str:
+    """The inverse of :func:`decode_synthetic_payload` (what the server sends)."""
+    return json.dumps([{"id": str(i), "prompt": p, "png_base64": png_base64(img, scale=1)}
+                       for i, img, p in items])
+
+
+def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | None = None,
+               *, audit_config: AuditConfig | None = None) -> dict[str, Any]:
+    """The site's handler of the server's audit ``query`` (``client/site.py`` calls it).
+
+    ``config``: ``audit`` (must be in the site's ``allowed_audits``; ``copy-detection``
+    runs the copy audit — with ``components`` also the membership probe when allowed),
+    ``synthetic`` (see :func:`decode_synthetic_payload`) or ``synthetic_dir`` (a folder of
+    PNG + sidecars on the site's machine), optional ``model_hash``, ``epsilon``, ``delta``.
+    Returns the shareable aggregate (nested, JSON-safe; ``json.dumps`` it where a flat
+    record is needed). Audit settings: ``audit_config``, else ``site.audit`` once
+    ``SiteConfig`` carries an ``audit: AuditConfig`` field, else defaults.
+    """
+    audit = str(config.get("audit", "copy-detection"))
+    if audit not in site.privacy.allowed_audits:
+        raise AuditRefused(f"audit {audit!r} is not allowed by site {site.site.id}'s policy "
+                           f"(allowed: {site.privacy.allowed_audits})")
+    if audit != "copy-detection":
+        raise AuditRefused(f"audit {audit!r}: only 'copy-detection' is answered by a query "
+                           "(the membership probe runs inside it when a model is given)")
+    if "synthetic" in config:
+        syn = decode_synthetic_payload(config["synthetic"])
+    elif "synthetic_dir" in config:
+        syn = load_synthetic_dir(Path(str(config["synthetic_dir"])))
+    else:
+        raise DataError("audit query carries no synthetic images ('synthetic' or 'synthetic_dir')")
+    priv = {k: float(config[k]) for k in ("epsilon", "delta") if k in config}
+    mh = config.get("model_hash")
+    return audit_synthetic_at_site(site, syn, components, privacy=priv or None,
+                                   audit_config=audit_config or getattr(site, "audit", None),
+                                   model_hash=None if mh is None else str(mh))

@@ -1,0 +1,260 @@
+"""What a site does for a federated round, as plain functions (no Flower types).
+
+Site settings come only from the SuperNode's ``node_config`` (``site-config``: the path
+of the site's TOML; ``state-dir``), never from the run config: the data, the state
+directory and the site's privacy policy are the site's. The server only says which
+stage, round and how many local steps.
+
+What leaves the site: the trained weights of the stage, scalar metrics and the site id.
+Errors are re-raised with a message naming the site and with every file path removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from medisyn.config import SiteConfig, load_site_config
+from medisyn.errors import ConfigError, MediSynError, PrivacyBudgetError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NODE_SITE_CONFIG = "site-config"
+NODE_STATE_DIR = "state-dir"
+
+# Metrics a site may report (numbers only). Anything else the core returns stays local.
+REPORTED_METRICS = (
+    "loss", "loss-first", "num-examples", "steps", "seconds", "images-per-s",
+    "epsilon", "delta", "noise-multiplier", "sample-rate", "latent-std",
+)
+
+
+PACKED = "packed"
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Weights on the wire: one float32 vector, keys sorted, each C-order (as the server)."""
+    if not arrays:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in sorted(arrays)])
+
+
+def unpack(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    sizes = [int(np.prod(shape)) for _, shape in layout]
+    if flat.ndim != 1 or flat.size != sum(sizes):
+        raise ValueError(f"packed weights have shape {tuple(flat.shape)}; this model's stage needs {sum(sizes)} values")
+    out, i = {}, 0
+    for (k, shape), n in zip(layout, sizes, strict=True):
+        out[k] = flat[i:i + n].reshape(shape)
+        i += n
+    return out
+
+
+class SiteError(MediSynError):
+    """A site failed a task; the message names the site and holds no file path."""
+
+
+def node_config_for(site_config_path: Path, state_dir: Path) -> dict[str, str]:
+    """The ``--node-config`` entries ``medisyn-client`` passes to ``flower-supernode``."""
+    return {NODE_SITE_CONFIG: str(Path(site_config_path).resolve()), NODE_STATE_DIR: str(Path(state_dir).resolve())}
+
+
+def site_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    path = node_config.get(NODE_SITE_CONFIG)
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            f"this SuperNode has no {NODE_SITE_CONFIG!r} in its node config; start it with "
+            "`medisyn-client start --site site.toml`"
+        )
+    site = load_site_config(Path(path))
+    state_dir = node_config.get(NODE_STATE_DIR)
+    if state_dir is not None and Path(str(state_dir)).resolve() != Path(site.site.state_dir).resolve():
+        raise ConfigError(f"node config {NODE_STATE_DIR} differs from [site] state_dir of the site config")
+    return site
+
+
+# --------------------------------------------------------------------------- redaction
+
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"<>:,;()\[\]{}]+){2,}|~[\\/][^\s'\"<>]+")
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Remove file paths (and the given site-specific strings) from a message."""
+    for s in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(s, "<site-path>")
+    return _PATH_RE.sub("<path>", text)
+
+
+def site_secrets(site: SiteConfig | None, node_config: Mapping[str, Any]) -> tuple[str, ...]:
+    out = [str(v) for v in node_config.values() if isinstance(v, str)]
+    if site is not None:
+        out += [str(site.dataset.path), str(site.site.state_dir), str(Path(site.dataset.path).parent)]
+    return tuple(out)
+
+
+def guarded(site_id: str, secrets: tuple[str, ...], fn: Callable[[], T]) -> T:
+    """Run a site task; on failure log the full error locally and raise a sanitized one.
+
+    ``PrivacyBudgetError`` keeps its class (the server stops a run when every site
+    refuses for budget), with the site, the spent ε and the cap in its message.
+    """
+    try:
+        return fn()
+    except PrivacyBudgetError as e:
+        logger.error("site %s: privacy budget refused the round", site_id, exc_info=e)
+        raise PrivacyBudgetError(f"site {site_id}: {redact(budget_message(e), secrets)}") from None
+    except Exception as e:
+        logger.error("site %s: task failed", site_id, exc_info=e)
+        raise SiteError(f"site {site_id}: {type(e).__name__}: {redact(str(e), secrets)[:400]}") from None
+
+
+def budget_message(e: PrivacyBudgetError) -> str:
+    """The error's message, with spent ε and cap appended if the error carries them."""
+    msg = str(e)
+    parts = []
+    for attr, label in (("spent", "spent ε"), ("epsilon", "spent ε"), ("projected", "ε after this round"),
+                        ("cap", "cap ε"), ("max_epsilon", "cap ε")):
+        v = getattr(e, attr, None)
+        if isinstance(v, int | float) and label not in " ".join(parts) and label not in msg:
+            parts.append(f"{label}={v:.4g}")
+    return msg + (f" ({', '.join(parts)})" if parts else "")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
+                    frozen: np.ndarray | None, *, holdout: bool):
+    import torch
+
+    from medisyn.config import ModelConfig
+    from medisyn.data import load_dataset
+    from medisyn.models import (
+        build_components,
+        load_trainable_state,
+        set_latent_scale,
+        trainable_state,
+    )
+
+    model_cfg = ModelConfig.model_validate_json(str(config["model-config"]))
+    stage = str(config["stage"])
+    components = build_components(model_cfg, seed=int(config.get("seed", 0)))
+    def layout(stages: list[str]) -> list[tuple[str, tuple[int, ...]]]:
+        shapes = {f"{fs}/{k}": tuple(v.shape) for fs in stages for k, v in trainable_state(components, fs).items()}  # type: ignore[arg-type]
+        return [(k, shapes[k]) for k in sorted(shapes)]
+
+    if frozen is not None and frozen.size:
+        stages = [s for s in str(config.get("frozen-stages", "vae")).split(",") if s]
+        by_stage: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in unpack(frozen, layout(stages)).items():
+            fs, _, name = k.partition("/")
+            by_stage.setdefault(fs, {})[name] = torch.from_numpy(np.array(v))
+        for fs, state in by_stage.items():
+            load_trainable_state(components, fs, state)  # type: ignore[arg-type]
+    if "latent-std" in config:
+        set_latent_scale(components, float(config["latent-std"]))
+    if arrays is None:
+        raise ConfigError("the message carries no weights for the stage")
+    own = [(k.partition("/")[2], shape) for k, shape in layout([stage])]
+    load_trainable_state(components, stage, {k: torch.from_numpy(np.array(v)) for k, v in unpack(arrays, own).items()})  # type: ignore[arg-type]
+    split = site.dataset.split.holdout if holdout else site.dataset.split.train
+    dataset = load_dataset(site.dataset, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=split)
+    if len(dataset) == 0:
+        which = "held-out" if holdout else "training"
+        raise ConfigError(f"the site has no {which} records (splits {split})")
+    return components, dataset, stage
+
+
+def enforce_policy(site: SiteConfig, config: Mapping[str, Any]) -> None:
+    """The site's policy beats anything the server asks."""
+    rnd = int(config.get("round", 0))
+    if site.privacy.max_rounds is not None and rnd > site.privacy.max_rounds:
+        raise PrivacyBudgetError(
+            f"round {rnd} exceeds the site's max_rounds = {site.privacy.max_rounds}"
+        )
+    if site.privacy.require_dp and not site.privacy.dp:
+        raise ConfigError("site policy requires DP but [privacy] dp = false")
+
+
+def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
+               frozen: np.ndarray | None, *, run_id: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train the stage locally; return (weights, reportable metrics)."""
+    from medisyn.config import TrainConfig
+    from medisyn.train import train_local
+
+    t0 = time.perf_counter()
+    enforce_policy(site, config)
+    if float(config.get("proximal-mu", 0.0)) > 0:
+        import inspect
+
+        if "proximal_mu" not in inspect.signature(train_local).parameters:
+            raise ConfigError(
+                "the server asks for FedProx (proximal-mu > 0) but this site's "
+                "medisyn.train.train_local has no proximal term"
+            )
+    components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=False)
+    train_cfg = TrainConfig.model_validate_json(str(config["train-config"]))
+    kwargs: dict[str, Any] = {}
+    if float(config.get("proximal-mu", 0.0)) > 0:
+        kwargs["proximal_mu"] = float(config["proximal-mu"])
+    result = train_local(
+        components,
+        dataset,
+        steps=int(config["local-steps"]),
+        config=train_cfg,
+        stage=stage,  # type: ignore[arg-type]
+        privacy=site.privacy if site.privacy.dp else None,
+        ledger_path=Path(site.site.state_dir),
+        site_id=site.site.id,
+        run_id=run_id,
+        round=int(config.get("round", 0)),
+        progress=False,
+        **kwargs,
+    )
+    state = {k: v.detach().cpu().float().numpy() for k, v in result.state.items()}
+    metrics = {k: float(v) for k, v in result.metrics.items() if k in REPORTED_METRICS and isinstance(v, int | float)}
+    metrics["num-examples"] = int(result.metrics["num-examples"])
+    metrics["site-seconds"] = time.perf_counter() - t0
+    return state, metrics
+
+
+def evaluate_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
+                  frozen: np.ndarray | None) -> dict[str, float]:
+    from medisyn.train import evaluate_loss
+
+    components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=True)
+    loss = evaluate_loss(components, dataset, stage=stage, seed=int(config.get("seed", 0)))  # type: ignore[arg-type]
+    return {"loss": float(loss), "num-examples": int(len(dataset))}
+
+
+def query_task(site: SiteConfig, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The audit query (runs at the site, returns aggregates only).
+
+    HOOK(audit): the lead wires ``medisyn.audit`` here. Contract: the server sends
+    ``audit`` (one of the site's ``privacy.allowed_audits``) plus what the audit needs;
+    the site returns only aggregates (similarity quantiles, flag counts, ids of flagged
+    synthetic images). Until it is wired, a query fails with a clear error.
+    """
+    audit = str(config.get("audit", ""))
+    if audit not in site.privacy.allowed_audits:
+        raise PermissionError(
+            f"audit {audit!r} is not allowed by the site's policy (allowed: {site.privacy.allowed_audits})"
+        )
+    try:
+        from medisyn.audit import site_query  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise NotImplementedError("the audit query is not wired into this site's medisyn yet") from e
+    return dict(site_query(site, dict(config)))
+
+
+def dumps_config(config: Mapping[str, Any]) -> str:
+    return json.dumps(dict(config), sort_keys=True, default=str)

@@ -1,0 +1,576 @@
+"""The federated run: stages, rounds, reply checks, aggregation, checkpoints, metrics.
+
+``run_federation(grid, cfg, resume=...)`` is plain Python over a Flower ``Grid``; the
+ServerApp (``medisyn.server.app``) only calls it. Unit tests drive it with an
+in-process Grid, integration tests with a real SuperLink.
+
+Message contract (server -> site), content of a ``train`` / ``evaluate`` message:
+- ``arrays``: ArrayRecord, the stage's trainable weights (``medisyn.models.trainable_state``)
+- ``frozen``: ArrayRecord, the frozen weights the site needs that it cannot build itself
+  (the federated VAE in stage ``unet`` of the tiny preset); absent otherwise
+- ``config``: ConfigRecord with ``stage``, ``round`` (global), ``server-round`` (within
+  the stage), ``local-steps``, ``seed``, ``model-config`` / ``train-config`` (JSON),
+  and ``proximal-mu`` under FedProx.
+
+Reply (site -> server): exactly one ArrayRecord (train only) and one MetricRecord with
+``num-examples``, plus a ConfigRecord ``site`` holding ``site-id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from medisyn.server.checkpoint import (
+    Checkpoint,
+    append_jsonl,
+    atomic_write_text,
+    latest_checkpoint,
+    write_checkpoint,
+)
+from medisyn.server.checks import Candidate, check_replies
+from medisyn.server.config import FederationConfig
+from medisyn.server.strategy import export_state, make_strategy, restore_state
+
+from medisyn.config import ModelConfig, Stage
+
+logger = logging.getLogger(__name__)
+
+BUDGET_MARK = "PrivacyBudgetError"
+
+
+# --------------------------------------------------------------------------- outcome
+
+
+class Outcome:
+    """How a run ended; the supervisor maps it to an exit code."""
+
+    DONE = "done"
+    NO_SITES = "no-sites"
+    BUDGET = "budget-exhausted"
+    FAILED = "failed"
+    RUNNING = "running"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, timeout: float = 180.0) -> Iterator[None]:
+    """Exclusive lock on ``RUN_DIR/serverapp.lock`` (waits for a previous holder)."""
+    import fcntl
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / "serverapp.lock", "w") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"another ServerApp holds {run_dir}/serverapp.lock for over {timeout:.0f} s"
+                    ) from None
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    atomic_write_text(
+        Path(run_dir) / "status.json",
+        json.dumps({"state": state, "time": time.time(), **extra}, sort_keys=True),
+    )
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / "status.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- model
+
+
+class GlobalModel:
+    """The coordinator's copy of the model (medisyn core; never sent whole)."""
+
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0, from_dir: Path | None = None):
+        from medisyn.models import build_components, load_components
+
+        self.components = load_components(from_dir) if from_dir else build_components(cfg, seed=seed)
+
+    def state(self, stage: Stage) -> dict[str, np.ndarray]:
+        from medisyn.models import trainable_state
+
+        return {
+            k: v.detach().cpu().float().numpy().copy()
+            for k, v in trainable_state(self.components, stage).items()
+        }
+
+    def load(self, stage: Stage, arrays: dict[str, np.ndarray]) -> None:
+        import torch
+
+        from medisyn.models import load_trainable_state
+
+        load_trainable_state(
+            self.components, stage, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        )
+
+    def extra_config(self, stage: Stage) -> dict[str, Any]:
+        """Non-weight model settings a site needs: the tiny VAE's latent scale."""
+        if stage == "unet" and self.components.config.preset == "tiny":
+            return {"latent-std": 1.0 / float(self.components.scaling_factor)}
+        return {}
+
+    def update_latent_scale(self, site_metrics: dict[str, dict[str, Any]]) -> None:
+        """Set the VAE latent scale from the sites' ``latent-std`` (example-weighted)."""
+        from medisyn.models import set_latent_scale
+
+        pairs = [(float(m["latent-std"]), float(m["num-examples"])) for m in site_metrics.values()
+                 if "latent-std" in m and math.isfinite(float(m["latent-std"])) and float(m["latent-std"]) > 0]
+        if pairs:
+            std = sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
+            set_latent_scale(self.components, std)
+
+    def save(self, out_dir: Path) -> None:
+        from medisyn.models import save_components
+
+        save_components(self.components, out_dir)
+
+
+def frozen_for(cfg: FederationConfig, stage: Stage) -> list[Stage]:
+    """Stages whose (already federated) weights a site needs, frozen, to train ``stage``."""
+    if cfg.model.preset == "tiny" and stage == "unet" and "vae" in cfg.stages:
+        return ["vae"]
+    return []
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+PACKED = "packed"
+
+
+def pack(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The wire format of weights: one float32 vector, keys in sorted order, each C-order.
+
+    Flower moves every Array as its own object (one HTTP request per hop); a UNet's ~200
+    tensors cost hundreds of requests per site per round, one packed vector a few chunks.
+    ``medisyn.client.site`` packs and unpacks the same way.
+    """
+    if not arrays:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in sorted(arrays)])
+
+
+def layout_of(arrays: dict[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(np.shape(arrays[k]))) for k in sorted(arrays)]
+
+
+def unpack(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    sizes = [int(np.prod(shape)) for _, shape in layout]
+    if flat.ndim != 1 or flat.size != sum(sizes):
+        raise ValueError(f"packed weights have shape {tuple(flat.shape)}; the model's stage needs {sum(sizes)} values")
+    out, i = {}, 0
+    for (k, shape), n in zip(layout, sizes, strict=True):
+        out[k] = flat[i:i + n].reshape(shape)
+        i += n
+    return out
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({PACKED: _array(pack(arrays))})
+
+
+def _array(v: np.ndarray):  # noqa: ANN202
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(v))
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+_ERROR_SITE = re.compile(r"site ([A-Za-z0-9][A-Za-z0-9_.-]{0,63}):")
+
+
+def reply_site(msg: Message, node_sites: dict[int, str]) -> str:
+    """The site a reply comes from: its ``site`` record, the site named in its error,
+    or the site this node answered as before."""
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        m = _ERROR_SITE.search(msg.error.reason or "")
+        if m and node not in node_sites:
+            return m.group(1)
+    else:
+        cfg = msg.content.config_records.get("site")
+        if cfg is not None and isinstance(cfg.get("site-id"), str):
+            node_sites[node] = cfg["site-id"]
+            return cfg["site-id"]
+    return node_sites.get(node, f"node-{node}")
+
+
+def _metrics_of(msg: Message) -> dict[str, float | int]:
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1:
+        return {}
+    return {k: v for k, v in records[0].items() if isinstance(v, int | float)}
+
+
+def wait_for_sites(grid: Grid, n: int, timeout: float, poll: float = 1.0) -> int:
+    """Wait until ``n`` nodes are connected; return how many are (maybe < n on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        have = len(list(grid.get_node_ids()))
+        if have >= n or time.monotonic() >= deadline:
+            return have
+        time.sleep(poll)
+
+
+@dataclass
+class RoundResult:
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # site -> reason (errors + rejects)
+    budget_failures: int = 0
+    new_state: dict[str, np.ndarray] | None = None
+    loss: float | None = None
+    update_norms: dict[str, float] = field(default_factory=dict)
+    send_receive_seconds: float = 0.0
+
+
+def train_round(
+    grid: Grid,
+    strategy: Any,
+    cfg: FederationConfig,
+    *,
+    global_round: int,
+    stage: Stage,
+    stage_round: int,
+    current: dict[str, np.ndarray],
+    frozen: dict[str, np.ndarray] | None,
+    node_sites: dict[int, str],
+    extra_config: dict[str, Any] | None = None,
+) -> RoundResult:
+    """One training round: send, collect, check, aggregate (strategy), report."""
+    config = ConfigRecord(
+        {
+            "stage": stage,
+            "round": global_round,
+            "local-steps": cfg.steps_for(stage),
+            "seed": cfg.seed,
+            "model-config": cfg.model.model_dump_json(),
+            "train-config": cfg.train.model_dump_json(),
+            **(extra_config or {}),
+        }
+    )
+    layout = layout_of(current)
+    arrays = to_record(current)
+    messages = list(strategy.configure_train(stage_round, arrays, config, grid))
+    down = record_bytes(arrays)
+    if frozen:
+        frozen_record = to_record(frozen)
+        down += record_bytes(frozen_record)
+        for m in messages:
+            m.content["frozen"] = frozen_record
+    t_send = time.time()
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    result = RoundResult()
+    result.send_receive_seconds = time.time() - t_send
+    candidates: list[Candidate] = []
+    by_site: dict[str, Message] = {}
+    for msg in replies:
+        site = reply_site(msg, node_sites)
+        if msg.has_error():
+            reason = msg.error.reason
+            result.failed[site] = reason
+            if BUDGET_MARK in reason:
+                result.budget_failures += 1
+            logger.warning("site %s failed round %d: %s", site, global_round, reason)
+            continue
+        recs = list(msg.content.array_records.values())
+        metrics = _metrics_of(msg)
+        if len(recs) != 1 or set(recs[0].keys()) != {PACKED} or "num-examples" not in metrics:
+            result.failed[site] = f"rejected: reply needs one ArrayRecord {{{PACKED!r}}} and num-examples"
+            logger.warning("rejected reply from site %s: %s", site, result.failed[site])
+            continue
+        try:
+            flat = recs[0][PACKED].numpy()
+            if not np.issubdtype(flat.dtype, np.floating):
+                raise ValueError(f"packed weights have dtype {flat.dtype}, expected a floating type")
+            site_arrays = unpack(flat, layout)
+        except Exception as e:  # a malformed array is a bad reply, not a crash
+            result.failed[site] = f"rejected: unreadable weights: {e}"
+            logger.warning("rejected reply from site %s: %s", site, result.failed[site])
+            continue
+        candidates.append(Candidate(site=site, arrays=site_arrays, metrics=metrics))
+        by_site[site] = msg
+        result.accepted[site] = {
+            **metrics,
+            "bytes-up": record_bytes(recs[0]),
+            "bytes-down": down,
+        }
+
+    verdict = check_replies(
+        candidates,
+        current,
+        expected_sites=cfg.sites,
+        max_norm_ratio=cfg.strategy.max_norm_ratio,
+    )
+    result.update_norms = verdict.update_norms
+    for site, reason in verdict.rejected:
+        result.failed[site] = f"rejected: {reason}"
+        result.accepted.pop(site, None)
+
+    good: list[Message] = []
+    for c in verdict.accepted:
+        msg = by_site[c.site]
+        # Aggregate over a uniform reply shape: the weights and the weight key only;
+        # the full per-site metrics are reported separately.
+        msg.content = RecordDict(
+            {
+                "arrays": ArrayRecord({PACKED: next(iter(msg.content.array_records.values()))[PACKED]}),
+                "metrics": MetricRecord(
+                    {"num-examples": c.metrics["num-examples"], "loss": float(c.metrics.get("loss", 0.0))}
+                ),
+            }
+        )
+        good.append(msg)
+    if good:
+        agg_arrays, agg_metrics = strategy.aggregate_train(stage_round, good)
+        if agg_arrays is not None:
+            result.new_state = unpack(np.asarray(agg_arrays[PACKED].numpy(), dtype=np.float32), layout)
+        if agg_metrics is not None and "loss" in agg_metrics:
+            result.loss = float(agg_metrics["loss"])
+    return result
+
+
+def evaluate_round(
+    grid: Grid,
+    strategy: Any,
+    cfg: FederationConfig,
+    *,
+    global_round: int,
+    stage: Stage,
+    stage_round: int,
+    current: dict[str, np.ndarray],
+    frozen: dict[str, np.ndarray] | None,
+    node_sites: dict[int, str],
+    extra_config: dict[str, Any] | None = None,
+) -> tuple[float | None, dict[str, float], dict[str, str]]:
+    """Held-out loss per site and the example-weighted mean."""
+    config = ConfigRecord(
+        {
+            "stage": stage,
+            "round": global_round,
+            "seed": cfg.seed,
+            "model-config": cfg.model.model_dump_json(),
+            **(extra_config or {}),
+        }
+    )
+    messages = list(strategy.configure_evaluate(stage_round, to_record(current), config, grid))
+    if frozen:
+        rec = to_record(frozen)
+        for m in messages:
+            m.content["frozen"] = rec
+    per_site: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    total, weight = 0.0, 0.0
+    for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        site = reply_site(msg, node_sites)
+        if msg.has_error():
+            failed[site] = msg.error.reason
+            continue
+        m = _metrics_of(msg)
+        loss, n = m.get("loss"), m.get("num-examples")
+        if loss is None or n is None or not math.isfinite(loss) or n <= 0:
+            failed[site] = "evaluate reply needs a finite loss and positive num-examples"
+            continue
+        per_site[site] = float(loss)
+        total += float(loss) * float(n)
+        weight += float(n)
+    return (total / weight if weight else None), per_site, failed
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _should_evaluate(cfg: FederationConfig, stage: Stage, stage_round: int) -> bool:
+    if not cfg.evaluate:
+        return False
+    last = stage_round == cfg.rounds_for(stage)
+    return last or (cfg.evaluate_every > 0 and stage_round % cfg.evaluate_every == 0)
+
+
+def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, attempt: str = "") -> str:
+    """Run (or resume) the whole federation; return an :class:`Outcome` value.
+
+    ``attempt`` tags ``status.json`` so the supervisor that submitted this run ignores a
+    status written by an older, orphaned ServerApp.
+    """
+    import functools
+
+    status = functools.partial(write_status, attempt=attempt)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    plan = cfg.round_plan()
+    history: list[dict[str, Any]] = []
+    start = 1
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        if ckpt.config.get("model") != json.loads(cfg.model.model_dump_json()):
+            raise ValueError(
+                "cannot resume: the checkpoint's [model] differs from the config's "
+                f"({ckpt.path}); start a new run_dir"
+            )
+        if ckpt.config_hash != cfg.hash():
+            logger.warning("resuming with a changed config (hash %s -> %s)", ckpt.config_hash[:12], cfg.hash()[:12])
+        model = GlobalModel(cfg.model, from_dir=ckpt.model_dir)
+        start = ckpt.round + 1
+        history = list(ckpt.metrics)
+        # metrics.jsonl is appended after the checkpoint: make it match the checkpoint
+        atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+        logger.info("resuming after round %d from %s", ckpt.round, ckpt.path)
+    else:
+        if resume:
+            logger.warning("--resume: no checkpoint in %s; starting at round 1", run_dir)
+        model = GlobalModel(cfg.model, seed=cfg.seed)
+    status(run_dir, Outcome.RUNNING, round=start - 1, total_rounds=cfg.total_rounds)
+
+    node_sites: dict[int, str] = {}
+    strategy: Any = None
+    strategy_stage: Stage | None = None
+    for global_round, stage, stage_round in plan[start - 1 :]:
+        if strategy_stage != stage:
+            strategy = make_strategy(cfg.strategy)
+            strategy_stage = stage
+            if ckpt is not None and ckpt.stage == stage and ckpt.round == global_round - 1:
+                restore_state(strategy, ckpt.strategy, ckpt.strategy_arrays)
+        have = wait_for_sites(grid, cfg.min_sites, cfg.site_wait_timeout)
+        if have < cfg.min_sites:
+            msg = f"only {have} of min_sites={cfg.min_sites} sites connected within {cfg.site_wait_timeout:g} s"
+            logger.error(msg)
+            status(run_dir, Outcome.NO_SITES, round=global_round - 1, message=msg)
+            return Outcome.NO_SITES
+        t0 = time.time()
+        current = model.state(stage)
+        frozen: dict[str, np.ndarray] = {}
+        for fs in frozen_for(cfg, stage):
+            frozen.update({f"{fs}/{k}": v for k, v in model.state(fs).items()})
+        extra = model.extra_config(stage)
+        if frozen:
+            extra["frozen-stages"] = ",".join(frozen_for(cfg, stage))
+        kw = dict(
+            global_round=global_round, stage=stage, stage_round=stage_round,
+            frozen=frozen or None, node_sites=node_sites, extra_config=extra,
+        )
+        res = train_round(grid, strategy, cfg, current=current, **kw)
+        if res.new_state is not None:
+            model.load(stage, res.new_state)
+            current = res.new_state
+            if stage == "vae":
+                model.update_latent_scale(res.accepted)
+        eval_loss, eval_sites, eval_failed = (None, {}, {})
+        if res.accepted and _should_evaluate(cfg, stage, stage_round):
+            eval_loss, eval_sites, eval_failed = evaluate_round(grid, strategy, cfg, current=current, **kw)
+        record = round_record(
+            cfg, global_round, stage, stage_round, res, time.time() - t0,
+            eval_loss=eval_loss, eval_sites=eval_sites, eval_failed=eval_failed,
+        )
+        history.append(record)
+        meta, arrays = export_state(strategy)
+        t_ckpt = time.time()
+        write_checkpoint(
+            run_dir,
+            Checkpoint(
+                round=global_round, stage=stage, stage_round=stage_round, metrics=history,
+                config=json.loads(cfg.model_dump_json()), config_hash=cfg.hash(),
+                strategy=meta, strategy_arrays=arrays,
+            ),
+            model.save,
+            keep=cfg.keep_checkpoints,
+        )
+        record = {**record, "checkpoint_seconds": round(time.time() - t_ckpt, 3)}
+        append_jsonl(metrics_path, record)
+        status(run_dir, Outcome.RUNNING, round=global_round, total_rounds=cfg.total_rounds)
+        if not res.accepted and res.failed and res.budget_failures == len(res.failed):
+            msg = f"every site refused round {global_round}: privacy budget exhausted"
+            logger.error(msg)
+            status(run_dir, Outcome.BUDGET, round=global_round, message=msg)
+            return Outcome.BUDGET
+
+    final = run_dir / "model"
+    tmp = run_dir / ".model.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    status(run_dir, Outcome.DONE, round=cfg.total_rounds, total_rounds=cfg.total_rounds, model=str(final))
+    return Outcome.DONE
+
+
+def round_record(
+    cfg: FederationConfig,
+    global_round: int,
+    stage: Stage,
+    stage_round: int,
+    res: RoundResult,
+    seconds: float,
+    *,
+    eval_loss: float | None,
+    eval_sites: dict[str, float],
+    eval_failed: dict[str, str],
+) -> dict[str, Any]:
+    """The one JSON line per round in ``metrics.jsonl``."""
+    sites: dict[str, dict[str, Any]] = {}
+    for site, m in res.accepted.items():
+        sites[site] = {"status": "ok", **m}
+        if site in eval_sites:
+            sites[site]["eval-loss"] = eval_sites[site]
+    for site, reason in res.failed.items():
+        sites[site] = {"status": "failed", "reason": reason[:500]}
+    train_seconds = [float(m["seconds"]) for m in res.accepted.values() if "seconds" in m]
+    task_seconds = [float(m["site-seconds"]) for m in res.accepted.values() if "site-seconds" in m]
+    return {
+        "round": global_round,
+        "stage": stage,
+        "stage_round": stage_round,
+        "total_rounds": cfg.total_rounds,
+        "time": time.time(),
+        "seconds": round(seconds, 3),
+        "slowest_site_seconds": max(train_seconds) if train_seconds else None,
+        "slowest_site_task_seconds": max(task_seconds) if task_seconds else None,
+        "send_receive_seconds": round(res.send_receive_seconds, 3),
+        "answered": len(res.accepted),
+        "failed": len(res.failed),
+        "loss": res.loss,
+        "eval_loss": eval_loss,
+        "eval_failed": {k: v[:500] for k, v in eval_failed.items()},
+        "update_norms": res.update_norms,
+        "sites": sites,
+        "config_hash": cfg.hash(),
+    }
+
+
+def iter_metrics(run_dir: Path) -> Iterable[dict[str, Any]]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

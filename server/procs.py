@@ -1,0 +1,300 @@
+"""Start, watch and stop the Flower daemons (``flower-superlink``, ``flower-supernode``,
+``flwr``) as child processes, each in its own process group.
+
+Every child gets ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and
+``HF_HUB_OFFLINE=1``. Stopping sends SIGTERM to the whole group (the daemon and the
+``flower-superexec`` / app processes it started), waits, then SIGKILLs what is left.
+On Linux a child also gets SIGTERM if its supervisor dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PRIVACY_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PRIVACY_ENV)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (next to the running interpreter), else PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH; is flwr installed?")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the supervisor's own cleanup still applies
+        pass
+
+
+class Daemon:
+    """One child process in its own session/process group, logging to a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self.env = child_env(env)
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=self.cwd, start_new_session=True,
+                preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            log.close()
+        logger.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the daemon's process group and the groups of all its descendants
+        (flower-superlink starts flower-superexec in a session of its own)."""
+        if self.proc is None:
+            return
+        groups = {self.proc.pid}
+        for pid in descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                groups.add(os.getpgid(pid))
+        groups.discard(os.getpgrp())  # never our own group
+        self._groups = getattr(self, "_groups", set()) | groups
+        for g in self._groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group, wait up to ``timeout``, then SIGKILL the group."""
+        if self.proc is None:
+            return
+        self.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        # the groups may outlive their leader (e.g. flower-superexec): wait for them too
+        while any(_group_alive(g) for g in getattr(self, "_groups", {self.proc.pid})) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+
+def _parent_map() -> dict[int, int]:
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            parent[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return parent
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendant pids of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for child, ppid in _parent_map().items():
+        children.setdefault(ppid, []).append(child)
+    out, stack = [], list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Restarting:
+    """Keep a daemon running: restart it (with backoff) whenever it exits, until stopped."""
+
+    def __init__(self, make: Callable[[], Daemon], *, name: str, backoff: float = 1.0,
+                 max_backoff: float = 30.0, on_restart: Callable[[int], None] | None = None):
+        self.make = make
+        self.name = name
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.on_restart = on_restart
+        self.daemon: Daemon | None = None
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Restarting:
+        self.daemon = self.make().start()
+        self._thread = threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        delay = self.backoff
+        started = time.monotonic()
+        while not self._stop.is_set():
+            assert self.daemon is not None
+            if self.daemon.alive():
+                if time.monotonic() - started > 60:
+                    delay = self.backoff  # ran a while: reset the backoff
+                self._stop.wait(0.5)
+                continue
+            logger.warning("%s exited with %s; restarting in %.0f s:\n%s", self.name,
+                           self.daemon.returncode, delay, self.daemon.tail(5))
+            self.daemon.kill()  # reap whatever is left of its group
+            if self._stop.wait(delay):
+                break
+            self.restarts += 1
+            self.daemon = self.make().start()
+            started = time.monotonic()
+            delay = min(delay * 2, self.max_backoff)
+            if self.on_restart:
+                self.on_restart(self.restarts)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.daemon is not None:
+            self.daemon.stop(timeout=timeout)
+
+
+def write_pids(path: Path, daemons: Mapping[str, Daemon | None]) -> None:
+    """Record process-group ids (for operators and tests that must clean up)."""
+    data = {k: d.pid for k, d in daemons.items() if d is not None and d.pid is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def tree_rss_bytes(root_pid: int | None = None) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+    root = os.getpid() if root_pid is None else root_pid
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            pid = int(entry.name)
+            parent[pid] = int(fields[1])
+            rss[pid] = int((entry / "statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakRSS:
+    """Sample the RSS of this process tree in a thread; ``peak`` is the maximum seen."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

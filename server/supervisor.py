@@ -1,0 +1,322 @@
+"""``medisyn-server start``: supervise a SuperLink, submit the run, report progress.
+
+1. validate the config, write ``RUN_DIR/federation.resolved.json`` (+ hash);
+2. start ``flower-superlink`` (own process group; SQLite ``--database`` in the run
+   directory; ``--disable-runtime-dependency-installation``; loopback by default);
+3. write ``RUN_DIR/flwr-home/config.toml`` (a ``medisyn`` SuperLink connection) and
+   submit the thin app bundle with ``flwr run``;
+4. follow ``RUN_DIR/metrics.jsonl`` and ``status.json`` (written by the ServerApp)
+   and print one block per round; stop everything it started when the run ends,
+   fails, or on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medisyn.server.checkpoint import atomic_write_text, latest_checkpoint
+from medisyn.server.config import FederationConfig
+from medisyn.server.federation import Outcome, read_status
+from medisyn.server.procs import Daemon, child_env, executable, port_open, write_pids
+
+logger = logging.getLogger(__name__)
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    CONFIG = 2  # invalid federation.toml or run directory
+    NO_SITES = 3  # fewer than min_sites connected within site_wait_timeout
+    BUDGET = 4  # every site refused a round: privacy budget exhausted
+    INTERNAL = 5  # SuperLink/ServerApp failed (see RUN_DIR/logs)
+    INTERRUPTED = 130  # Ctrl-C / SIGTERM
+
+
+EXIT_HELP = (
+    "Exit codes: 0 finished; 2 config error; 3 no sites (fewer than min_sites connected "
+    "within site_wait_timeout); 4 privacy budget exhausted at every site; 5 internal error "
+    "(SuperLink or ServerApp failed; see RUN_DIR/logs); 130 interrupted."
+)
+
+OUTCOME_EXIT = {
+    Outcome.DONE: ExitCode.OK,
+    Outcome.NO_SITES: ExitCode.NO_SITES,
+    Outcome.BUDGET: ExitCode.BUDGET,
+    Outcome.FAILED: ExitCode.INTERNAL,
+}
+
+
+class SupervisorError(Exception):
+    def __init__(self, message: str, code: ExitCode):
+        super().__init__(message)
+        self.code = code
+
+
+def fab_template() -> Path:
+    return Path(str(resources.files("medisyn.server") / "fab"))
+
+
+def flwr_home_config(cfg: FederationConfig) -> str:
+    sl = cfg.superlink
+    host = "127.0.0.1" if sl.host in ("0.0.0.0", "::", "") else sl.host
+    lines = ["[superlink]", 'default = "medisyn"', "", "[superlink.medisyn]", f'address = "{host}:{sl.port}"']
+    if sl.insecure:
+        lines.append("insecure = true")
+    elif sl.ssl_ca_certfile is not None:
+        lines.append(f"root-certificates = {json.dumps(str(sl.ssl_ca_certfile))}")
+    return "\n".join(lines) + "\n"
+
+
+def superlink_argv(cfg: FederationConfig) -> list[str]:
+    sl = cfg.superlink
+    argv = [
+        executable("flower-superlink"),
+        "--host", sl.host, "--port", str(sl.port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if sl.database == "sqlite":
+        argv += ["--database", str(Path(cfg.run_dir) / "superlink.db")]
+    if sl.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-certfile", str(sl.ssl_certfile), "--ssl-keyfile", str(sl.ssl_keyfile)]
+        if sl.ssl_ca_certfile is not None:
+            argv += ["--ssl-ca-certfile", str(sl.ssl_ca_certfile)]
+    if sl.enable_supernode_auth:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def format_round(rec: dict[str, Any]) -> str:
+    """The progress block printed for one round."""
+    loss = "-" if rec.get("loss") is None else f"{rec['loss']:.4f}"
+    ev = "" if rec.get("eval_loss") is None else f"  eval {rec['eval_loss']:.4f}"
+    head = (
+        f"round {rec['round']}/{rec['total_rounds']} [{rec['stage']} {rec['stage_round']}]  "
+        f"sites {rec['answered']} ok, {rec['failed']} failed  loss {loss}{ev}  {rec['seconds']:.1f} s"
+    )
+    lines = [head]
+    for site in sorted(rec.get("sites", {})):
+        m = rec["sites"][site]
+        if m.get("status") != "ok":
+            lines.append(f"    {site:<14} FAILED  {m.get('reason', '')[:160]}")
+            continue
+        eps = f"  ε {m['epsilon']:.3g}" if "epsilon" in m else "  ε -"
+        lines.append(
+            f"    {site:<14} ok  loss {m.get('loss', float('nan')):.4f}{eps}  "
+            f"n {int(m.get('num-examples', 0))}  up {m.get('bytes-up', 0) / 1e6:.2f} MB  "
+            f"down {m.get('bytes-down', 0) / 1e6:.2f} MB  train {m.get('seconds', 0):.1f} s"
+        )
+    return "\n".join(lines)
+
+
+class ServerSupervisor:
+    """Owns the SuperLink process of one federated run."""
+
+    def __init__(self, cfg: FederationConfig, *, resume: bool = False,
+                 echo: Callable[[str], None] = print, poll: float = 1.0, fab_dir: Path | None = None):
+        self.cfg = cfg
+        self.fab_dir = Path(fab_dir) if fab_dir is not None else fab_template()
+        self.resume = resume
+        self.echo = echo
+        self.poll = poll
+        self.run_dir = Path(cfg.run_dir)
+        self.superlink: Daemon | None = None
+        self.run_id: str | None = None
+        self.attempt = uuid.uuid4().hex[:16]  # tags the status.json of this submission
+        self._printed = 0
+
+    # ----------------------------------------------------------------- setup
+    def prepare(self) -> None:
+        rd = self.run_dir
+        rd.mkdir(parents=True, exist_ok=True)
+        if not self.resume and latest_checkpoint(rd) is not None:
+            raise SupervisorError(
+                f"run_dir {rd} already holds checkpoints: pass --resume to continue it, "
+                "or set a new run_dir", ExitCode.CONFIG,
+            )
+        if self.resume:
+            ck = latest_checkpoint(rd)
+            self.echo(f"resuming {rd}: " + (f"last checkpoint round {ck.round}" if ck else "no checkpoint; starting at round 1"))
+        else:
+            (rd / "metrics.jsonl").unlink(missing_ok=True)
+        (rd / "status.json").unlink(missing_ok=True)  # written afresh by the ServerApp
+        atomic_write_text(rd / "federation.resolved.json", self.cfg.model_dump_json(indent=1))
+        atomic_write_text(rd / "federation.hash", self.cfg.hash() + "\n")
+        home = rd / "flwr-home"
+        home.mkdir(exist_ok=True)
+        atomic_write_text(home / "config.toml", flwr_home_config(self.cfg))
+        app = rd / "app"
+        shutil.rmtree(app, ignore_errors=True)
+        app.mkdir()
+        for f in self.fab_dir.iterdir():  # the thin bundle: pyproject.toml only (tests add a shim)
+            if f.is_file() and f.suffix in (".toml", ".py"):
+                shutil.copy(f, app / f.name)
+
+    def env(self) -> dict[str, str]:
+        return {"FLWR_HOME": str(self.run_dir / "flwr-home")}
+
+    def start_superlink(self, timeout: float = 90.0) -> None:
+        sl = self.cfg.superlink
+        if port_open("127.0.0.1" if sl.host in ("0.0.0.0", "::") else sl.host, sl.port):
+            raise SupervisorError(f"port {sl.port} on {sl.host} is already in use", ExitCode.CONFIG)
+        self.superlink = Daemon(
+            "flower-superlink", superlink_argv(self.cfg),
+            log_path=self.run_dir / "logs" / "superlink.log", env=self.env(), cwd=self.run_dir,
+        ).start()
+        write_pids(self.run_dir / "pids.json", {"superlink": self.superlink})
+        host = "127.0.0.1" if sl.host in ("0.0.0.0", "::") else sl.host
+        deadline = time.monotonic() + timeout
+        while not port_open(host, sl.port):
+            if not self.superlink.alive():
+                raise SupervisorError(
+                    f"flower-superlink exited with {self.superlink.returncode}:\n{self.superlink.tail()}",
+                    ExitCode.INTERNAL,
+                )
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"flower-superlink did not open port {sl.port} within {timeout:.0f} s",
+                                      ExitCode.INTERNAL)
+            time.sleep(0.3)
+        self.echo(f"SuperLink listening on {sl.address} (logs: {self.superlink.log_path})")
+
+    def submit(self, timeout: float = 180.0) -> str:
+        cfg_path = self.run_dir / "federation.resolved.json"
+        overrides = (f"federation-config={json.dumps(str(cfg_path))} "
+                     f"resume={'true' if self.resume else 'false'} attempt={json.dumps(self.attempt)}")
+        argv = [executable("flwr"), "run", str(self.run_dir / "app"), "medisyn",
+                "--run-config", overrides, "--format", "json"]
+        res = subprocess.run(argv, capture_output=True, text=True, env=child_env(self.env()),
+                             timeout=timeout, cwd=self.run_dir, start_new_session=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        (self.run_dir / "logs" / "flwr-run.log").write_text(res.stdout + res.stderr)
+        run_id = None
+        for line in res.stdout.splitlines()[::-1]:
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    run_id = json.loads(line).get("run-id")
+                except json.JSONDecodeError:
+                    continue
+                break
+        if res.returncode != 0 or not run_id:
+            try:
+                data = json.loads(res.stdout)
+                run_id = data.get("run-id")
+            except json.JSONDecodeError:
+                pass
+        if res.returncode != 0 or not run_id:
+            raise SupervisorError(f"flwr run failed ({res.returncode}):\n{res.stdout}\n{res.stderr}",
+                                  ExitCode.INTERNAL)
+        self.run_id = str(run_id)
+        self.echo(f"submitted run {self.run_id}: {self.cfg.total_rounds} rounds over stages {self.cfg.stages}, "
+                  f"waiting for {self.cfg.min_sites} site(s)")
+        return self.run_id
+
+    # ----------------------------------------------------------------- watch
+    def print_new_rounds(self) -> list[dict[str, Any]]:
+        p = self.run_dir / "metrics.jsonl"
+        if not p.is_file():
+            return []
+        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        new = [json.loads(ln) for ln in lines[self._printed:]]
+        self._printed = len(lines)
+        for rec in new:
+            self.echo(format_round(rec))
+        return new
+
+    def run_state(self) -> str | None:
+        """Flower's view of the run (``flwr ls``), e.g. ``finished:failed``."""
+        if self.run_id is None:
+            return None
+        try:
+            res = subprocess.run(
+                [executable("flwr"), "ls", "medisyn", "--run-id", self.run_id, "--format", "json"],
+                capture_output=True, text=True, env=child_env(self.env()), timeout=60, cwd=self.run_dir,
+            )
+            data = json.loads(res.stdout)
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, OSError):
+            return None
+        runs = data.get("runs") or []
+        return str(runs[0].get("status")) if runs else None
+
+    def status(self) -> dict[str, Any] | None:
+        """This submission's status.json (a status left by an older ServerApp is ignored)."""
+        st = read_status(self.run_dir)
+        return st if st is not None and st.get("attempt") == self.attempt else None
+
+    def watch(self, flwr_check_every: float = 60.0) -> ExitCode:
+        if self.resume:
+            # the metrics of finished rounds are reprinted only if they are new
+            p = self.run_dir / "metrics.jsonl"
+            self._printed = len(p.read_text().splitlines()) if p.is_file() else 0
+        last_check = time.monotonic()
+        while True:
+            self.print_new_rounds()
+            status = self.status()
+            if status is not None:
+                state = status.get("state")
+                if state in OUTCOME_EXIT:
+                    self.print_new_rounds()
+                    if status.get("message"):
+                        self.echo(f"run ended: {state}: {status['message']}")
+                    return OUTCOME_EXIT[state]
+            if self.superlink is not None and not self.superlink.alive():
+                raise SupervisorError(
+                    f"flower-superlink died ({self.superlink.returncode}):\n{self.superlink.tail()}",
+                    ExitCode.INTERNAL,
+                )
+            if time.monotonic() - last_check > flwr_check_every:
+                last_check = time.monotonic()
+                st = self.run_state()
+                if st and st.startswith("finished") and (self.status() or {}).get("state") in (None, Outcome.RUNNING):
+                    time.sleep(3)  # status.json may be written a moment after
+                    if (self.status() or {}).get("state") in (None, Outcome.RUNNING):
+                        raise SupervisorError(f"the ServerApp ended ({st}) without finishing; "
+                                              f"see `flwr log {self.run_id}`", ExitCode.INTERNAL)
+            time.sleep(self.poll)
+
+    def close(self) -> None:
+        if self.superlink is not None:
+            self.superlink.stop()
+            self.superlink = None
+
+
+def run_server(cfg: FederationConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> int:
+    """Run a federation to its end; returns an :class:`ExitCode`."""
+    sup = ServerSupervisor(cfg, resume=resume, echo=echo)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _term(_sig, _frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        sup.prepare()
+        sup.start_superlink()
+        sup.submit()
+        code = sup.watch()
+        echo(f"run directory: {sup.run_dir}  (metrics.jsonl, checkpoints/, model/, logs/)")
+        return int(code)
+    except SupervisorError as e:
+        echo(f"error: {e}")
+        return int(e.code)
+    except KeyboardInterrupt:
+        echo("interrupted: stopping the SuperLink")
+        return int(ExitCode.INTERRUPTED)
+    finally:
+        sup.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
