@@ -178,11 +178,12 @@ def generate(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A few-minute smoke run.")] = False,
+    dp_site: Annotated[str, typer.Option("--dp-site", help="Site trained under DP-SGD ('none': no DP).")] = "breast-us",
 ) -> None:
-    """Run a real federation on this machine: four hospitals, one per specialty."""
+    """Run a real federation on this machine: four hospitals, one per specialty, one under DP."""
     from medisyn.server.demo import run_demo
 
-    raise typer.Exit(run_demo(out, quick))
+    raise typer.Exit(run_demo(out, quick, dp_site=None if dp_site == "none" else dp_site))
 
 
 def _mount_optional(name: str, module: str, help: str) -> None:

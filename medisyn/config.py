@@ -209,6 +209,9 @@ class SiteConfig(_Frozen):
     dataset: DatasetConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     superlink: SuperLinkSection = Field(default_factory=lambda: SuperLinkSection(insecure=True))
+    # The [audit] table; validated by medisyn.audit.settings.AuditConfig where the audit runs
+    # (kept untyped here so the core does not import the audit package).
+    audit: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- loading
