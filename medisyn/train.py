@@ -245,6 +245,7 @@ def train_local(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train ``stage`` for ``steps`` optimizer steps on ``dataset``; see module docstring.
 
@@ -252,6 +253,9 @@ def train_local(
     clipping, noise) and the site's ledger at ``ledger_path`` (a state directory) is
     restored first, checked against ``max_epsilon`` (``PrivacyBudgetError`` before any
     step) and updated as steps are taken.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2`` (the
+    weights this call started from, i.e. the global model of the round).
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
@@ -288,6 +292,14 @@ def train_local(
     lr = config.vae_lr if stage == "vae" else config.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     ema = _EMA(params, config.ema_decay) if config.ema_decay else None
+    if proximal_mu < 0:
+        raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+
+    def proximal(loss: torch.Tensor) -> torch.Tensor:
+        if anchor is None:
+            return loss
+        return loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
 
     start = 0
     ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
@@ -302,6 +314,8 @@ def train_local(
     bar = _progress(steps, start, stage, progress)
     try:
         if dp:
+            if anchor is not None:
+                raise ConfigError("FedProx's proximal term is not supported with DP-SGD at a site; use FedAvg")
             extra = _train_dp(
                 objective, module, optimizer, params, gen, start=start, steps=steps, config=config,
                 privacy=privacy, ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round,
@@ -319,7 +333,7 @@ def train_local(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                proximal(loss).backward()
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()

@@ -105,3 +105,14 @@ def test_cli_train_two_stages_then_generate(tmp_path: Path, demo_site_toml: Path
                         "--config", str(bad)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "train.batch_size" not in r.stderr and "batch_size" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_proximal_term_keeps_weights_closer(breast_ds, tiny_cfg):
+    def drift(mu: float) -> float:
+        c = build_components(tiny_cfg, seed=2)
+        start = {k: v.clone() for k, v in c.unet.state_dict().items()}
+        r = train_local(c, breast_ds, steps=4, config=TrainConfig(batch_size=8, lr=5e-3), stage="unet",
+                        progress=False, proximal_mu=mu)
+        return sum(float((r.state[k] - v).pow(2).sum()) for k, v in start.items())
+
+    assert drift(100.0) < drift(0.0)

@@ -31,14 +31,14 @@ TINY = {
 }
 
 
-def site_toml(tmp: Path, site: str, port: int) -> Path:
+def site_toml(tmp: Path, site: str, port: int, privacy: str = "") -> Path:
     d = tmp / "sites" / site
     d.mkdir(parents=True, exist_ok=True)
     ds = (DEMO / site / "dataset.toml").read_text().replace(
         'path = "dataset.npz"', f'path = "{(DEMO / site / "dataset.npz").as_posix()}"'
     )
     p = d / "site.toml"
-    p.write_text(f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{ds}\n'
+    p.write_text(f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{ds}\n{privacy}\n'
                  f'[superlink]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     return p
 
@@ -192,7 +192,10 @@ def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
 @pytest.mark.timeout(420)
 def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     """`medisyn-server start` killed (SIGKILL, with its SuperLink) after round 1 of 2;
-    `medisyn-server start --resume` continues at round 2 and ends at round 2."""
+    `medisyn-server start --resume` continues at round 2 and ends at round 2.
+
+    One site trains under DP-SGD: its ε grows round over round, across the server crash,
+    and equals a fresh Opacus accountant fed the history in the site's ledger."""
     from medisyn.client.supervisor import SiteSupervisor
 
     port = free_port()
@@ -201,7 +204,9 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     cfg = federation(tmp_path, port, sites, stages=["vae", "unet"], rounds=1)
     cfg_path = tmp_path / "federation.toml"
     cfg_path.write_text(_toml(cfg))
-    sups = [SiteSupervisor(site_toml(tmp_path, s, port), extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
+    dp = '[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 50.0\naccountant = "rdp"\n'
+    sups = [SiteSupervisor(site_toml(tmp_path, s, port, privacy=dp if s == "breast-us" else ""),
+                           extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
             for s in sites]
     cleanup.extend(s.daemon.pid for s in sups)
     env = child_env()
@@ -237,6 +242,17 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     assert state["round"] == 2 == cfg.total_rounds and len(state["metrics"]) == 2
     assert read_status(cfg.run_dir)["state"] == "done"
     assert (cfg.run_dir / "model" / "model_index.json").is_file()
+    # DP at breast-us: cumulative ε, checked against a fresh accountant on the ledger.
+    eps = [r["sites"]["breast-us"]["epsilon"] for r in records]
+    assert 0 < eps[0] < eps[1]
+    assert "epsilon" not in records[1]["sites"]["dermoscopy"] or records[1]["sites"]["dermoscopy"]["epsilon"] in (None, "-")
+    from opacus.accountants import RDPAccountant
+
+    ledger = json.loads((tmp_path / "sites" / "breast-us" / "state" / "privacy-ledger.json").read_text())
+    assert {e["stage"] for e in ledger["entries"]} == {"vae", "unet"}
+    fresh = RDPAccountant()
+    fresh.history = [(e["sigma"], e["q"], e["steps"]) for e in ledger["entries"]]
+    assert fresh.get_epsilon(ledger["delta"]) == pytest.approx(eps[1], rel=1e-6)
 
 
 def _toml(cfg: FederationConfig) -> str:
