@@ -23,6 +23,7 @@ import numpy as np
 
 from medisyn.config import SiteConfig, load_site_config
 from medisyn.errors import ConfigError, MediSynError, PrivacyBudgetError
+from medisyn.wire import PACKED, pack, unpack  # noqa: F401  (the one wire format)
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +39,6 @@ REPORTED_METRICS = (
 )
 
 
-PACKED = "packed"
-
-
-def pack(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Weights on the wire: one float32 vector, keys sorted, each C-order (as the server)."""
-    if not arrays:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in sorted(arrays)])
-
-
-def unpack(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    sizes = [int(np.prod(shape)) for _, shape in layout]
-    if flat.ndim != 1 or flat.size != sum(sizes):
-        raise ValueError(f"packed weights have shape {tuple(flat.shape)}; this model's stage needs {sum(sizes)} values")
-    out, i = {}, 0
-    for (k, shape), n in zip(layout, sizes, strict=True):
-        out[k] = flat[i:i + n].reshape(shape)
-        i += n
-    return out
 
 
 class SiteError(MediSynError):

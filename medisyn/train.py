@@ -54,15 +54,21 @@ def _autocast(device: torch.device, mixed_precision: str):
 # --------------------------------------------------------------------------- objectives
 
 
+def _dataset_images(dataset: Dataset, limit: int | None = None) -> torch.Tensor:
+    """Model-space images of a dataset (our datasets hold them precomputed as ``.images``)."""
+    images = getattr(dataset, "images", None)
+    n = len(dataset) if limit is None else min(len(dataset), limit)
+    if images is None:
+        return torch.stack([dataset[i]["image"] for i in range(n)])
+    return images[:n]
+
+
 class VAEObjective:
     """Reconstruction MSE + a small KL term; records are model-space images."""
 
     def __init__(self, c: Components, dataset: Dataset, config: TrainConfig, device: torch.device):
         self.c, self.config, self.device = c, config, device
-        images = getattr(dataset, "images", None)
-        if images is None:
-            images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        self.records = (images,)
+        self.records = (_dataset_images(dataset),)
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         x = batch[0].to(self.device)
@@ -80,9 +86,7 @@ class UNetObjective:
 
     def __init__(self, c: Components, dataset: Dataset, config: TrainConfig, device: torch.device):
         self.c, self.config, self.device = c, config, device
-        images = getattr(dataset, "images", None)
-        if images is None:
-            images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        images = _dataset_images(dataset)
         prompts = list(dataset.prompts) if hasattr(dataset, "prompts") else [dataset[i]["prompt"] for i in range(len(dataset))]
         self.vocab = sorted(set(prompts)) + [""]
         index = {p: i for i, p in enumerate(self.vocab)}
@@ -425,11 +429,9 @@ def _train_dp(objective, module, optimizer, params, gen, *, start, steps, config
 def latent_std(c: Components, dataset: Dataset, *, device: torch.device | None = None, max_images: int = 512) -> float:
     """Std of the (unscaled) VAE latents of up to ``max_images`` records."""
     device = device or pick_device()
-    images = getattr(dataset, "images", None)
-    if images is None:
-        images = torch.stack([dataset[i]["image"] for i in range(min(len(dataset), max_images))])
+    images = _dataset_images(dataset, max_images)
     c.vae.to(device).eval()
-    lat = torch.cat([c.vae.encode(ch.to(device)).latent_dist.mean.float().cpu() for ch in images[:max_images].split(256)])
+    lat = torch.cat([c.vae.encode(ch.to(device)).latent_dist.mean.float().cpu() for ch in images.split(256)])
     return float(lat.std())
 
 

@@ -44,6 +44,7 @@ from medisyn.server.config import FederationConfig
 from medisyn.server.strategy import export_state, make_strategy, restore_state
 
 from medisyn.config import ModelConfig, Stage
+from medisyn.wire import PACKED, layout_of, pack, unpack  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -160,36 +161,6 @@ def frozen_for(cfg: FederationConfig, stage: Stage) -> list[Stage]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-PACKED = "packed"
-
-
-def pack(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The wire format of weights: one float32 vector, keys in sorted order, each C-order.
-
-    Flower moves every Array as its own object (one HTTP request per hop); a UNet's ~200
-    tensors cost hundreds of requests per site per round, one packed vector a few chunks.
-    ``medisyn.client.site`` packs and unpacks the same way.
-    """
-    if not arrays:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in sorted(arrays)])
-
-
-def layout_of(arrays: dict[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(np.shape(arrays[k]))) for k in sorted(arrays)]
-
-
-def unpack(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    sizes = [int(np.prod(shape)) for _, shape in layout]
-    if flat.ndim != 1 or flat.size != sum(sizes):
-        raise ValueError(f"packed weights have shape {tuple(flat.shape)}; the model's stage needs {sum(sizes)} values")
-    out, i = {}, 0
-    for (k, shape), n in zip(layout, sizes, strict=True):
-        out[k] = flat[i:i + n].reshape(shape)
-        i += n
-    return out
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
