@@ -352,6 +352,8 @@ def train_local(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    if not dp and privacy is not None and ledger_path is not None and steps > start:
+        _record_non_private(privacy, Path(ledger_path), site_id, stage, run_id, round, steps - start, len(dataset))
     if ema is not None:
         ema.copy_to()
     module.eval()
@@ -368,6 +370,19 @@ def train_local(
     if stage == "vae":
         metrics["latent-std"] = latent_std(c, dataset, device=device)
     return TrainResult(state=trainable_state(c, stage), metrics=metrics)
+
+
+def _record_non_private(privacy, state_dir: Path, site_id, stage, run_id, round, steps, n_records) -> None:
+    """A site whose ledger exists trained without DP: the ledger must say ε = ∞ from now on."""
+    from medisyn.privacy.ledger import LEDGER_NAME
+
+    if not (state_dir / LEDGER_NAME).is_file():
+        return
+    from medisyn.privacy.dp import open_site_ledger
+
+    ledger = open_site_ledger(state_dir, site_id, privacy, n_records=n_records)
+    ledger.record_non_private(stage, run_id, round, steps)
+    log.warning("site %s trained %d steps without DP; its ledger now reports ε = inf", site_id, steps)
 
 
 def _maybe_checkpoint(ckpt, step, steps, config, module, optimizer, gen, ema, stage) -> None:

@@ -233,3 +233,28 @@ def test_split_steps_equal_one_record(steps) -> None:
             a.record_steps("unet", "r", 1, 1.0, 0.05, k)
         b.record_steps("unet", "r", 1, 1.0, 0.05, sum(steps))
         assert a.history() == b.history() and a.epsilon() == b.epsilon()
+
+
+def test_training_without_dp_at_a_dp_site_makes_epsilon_infinite(tmp_path):
+    """A site with a ledger that later trains without DP must not keep reporting its old ε."""
+    import math
+
+    from medisyn.config import PrivacyConfig, TrainConfig, load_dataset_config
+    from medisyn.data import load_dataset
+    from medisyn.models import build_components
+    from medisyn.privacy.dp import open_site_ledger
+    from medisyn.train import train_local
+    from tests.conftest import DEMO_DATA, tiny_model_config
+
+    cfg = tiny_model_config()
+    ds = load_dataset(load_dataset_config(DEMO_DATA / "breast-us" / "dataset.toml"), resolution=16, channels=3,
+                      splits=["train"])
+    dp = PrivacyConfig(dp=True, noise_multiplier=1.0, max_epsilon=50.0, accountant="rdp")
+    c = build_components(cfg)
+    r = train_local(c, ds, steps=2, config=TrainConfig(batch_size=8), stage="unet", privacy=dp, ledger_path=tmp_path,
+                    site_id="s", progress=False)
+    assert 0 < r.metrics["epsilon"] < math.inf
+    train_local(c, ds, steps=1, config=TrainConfig(batch_size=8), stage="unet",
+                privacy=dp.model_copy(update={"dp": False}), ledger_path=tmp_path, site_id="s", progress=False)
+    ledger = open_site_ledger(tmp_path, "s", dp, n_records=len(ds))
+    assert ledger.epsilon() == math.inf
