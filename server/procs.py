@@ -38,6 +38,12 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PRIVACY_ENV)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Flower's daemons start their helpers (flower-superexec, flwr-clientapp, ...) by name:
+    # put this environment's scripts first on PATH, also when the venv is not activated.
+    scripts = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        env["PATH"] = scripts + (os.pathsep + path if path else "")
     if extra:
         env.update(extra)
     return env
