@@ -14,8 +14,9 @@ from medisyn.train import evaluate_loss, train_local
 
 
 @pytest.fixture
-def breast_ds(breast_toml, tiny_cfg):
-    cfg = load_dataset_config(breast_toml)
+def breast_ds(demo_site_toml, tiny_cfg):
+    """Real BreastMNIST, as vendored for the demo (always present, unlike ../shared/data)."""
+    cfg = load_dataset_config(demo_site_toml)
     return load_dataset(cfg, resolution=tiny_cfg.resolution, channels=3, splits=["train"])
 
 
