@@ -142,16 +142,22 @@ def load_sd(cfg: ModelConfig) -> Components:
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     if cfg.text_encoder is not None:
         tokenizer, text_encoder = load_text_encoder(cfg.text_encoder, cfg.max_tokens)
+    return _sd_components(pipe, cfg, tokenizer, text_encoder, _noise_scheduler(cfg))
+
+
+def _sd_components(pipe, cfg: ModelConfig, tokenizer, text_encoder, noise_scheduler) -> Components:
+    """Components from a loaded pipeline: text encoder frozen; for ``sd`` the VAE too, LoRA on."""
     text_encoder.requires_grad_(False).eval()
-    pipe.vae.requires_grad_(False)
-    if cfg.lora_rank > 0:
-        _add_lora(pipe.unet, cfg.lora_rank)
+    if cfg.preset == "sd":
+        pipe.vae.requires_grad_(False)
+        if cfg.lora_rank > 0:
+            _add_lora(pipe.unet, cfg.lora_rank)
     return Components(
         vae=pipe.vae,
         unet=pipe.unet,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        noise_scheduler=_noise_scheduler(cfg),
+        noise_scheduler=noise_scheduler,
         config=cfg,
         prompt_encoder=PromptEncoder(tokenizer, text_encoder),
     )
@@ -307,20 +313,7 @@ def load_components(directory: Path) -> Components:
         cfg = ModelConfig.model_validate(meta["model"])
     else:
         cfg = ModelConfig(preset="sd", sd_path=directory, resolution=int(pipe.unet.config.sample_size) * pipe.vae_scale_factor)
-    pipe.text_encoder.requires_grad_(False).eval()
-    if cfg.preset == "sd":
-        pipe.vae.requires_grad_(False)
-        if cfg.lora_rank > 0:
-            _add_lora(pipe.unet, cfg.lora_rank)
-    return Components(
-        vae=pipe.vae,
-        unet=pipe.unet,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        noise_scheduler=pipe.scheduler,
-        config=cfg,
-        prompt_encoder=PromptEncoder(pipe.tokenizer, pipe.text_encoder),
-    )
+    return _sd_components(pipe, cfg, pipe.tokenizer, pipe.text_encoder, pipe.scheduler)
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
