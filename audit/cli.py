@@ -117,7 +117,8 @@ def gate_cmd(report: Annotated[Path, typer.Argument(help="release_report.json")]
     except (json.JSONDecodeError, ValidationError) as e:
         typer.echo(f"error: {report}: not a valid release report: {e}", err=True)
         raise typer.Exit(2) from None
-    verdict = evaluate(rep.sites, rep.privacy, rep.released_ids, alpha=rep.alpha)
+    verdict = evaluate(rep.sites, rep.privacy, rep.released_ids, alpha=rep.alpha,
+                       expected_sites=rep.expected_sites, site_errors=rep.site_errors)
     if verdict.passed:
         typer.echo(f"PASS: {len(rep.released_ids)} synthetic images may be released")
         raise typer.Exit(0)

@@ -6,7 +6,8 @@ Passes only if, for every site:
 2. its synthetic flag rate is not significantly above its held-out baseline rate
    (one-sided Fisher exact test at ``alpha``), overall and per image type;
 3. every flagged synthetic image is excluded from the released set;
-4. its ε is known and within its declared cap.
+4. its ε is known and within its declared cap (a site that trained without DP has ε = ∞);
+5. every site that was asked to audit (``expected_sites``) returned an aggregate.
 
 The verdict is recomputed from the report's data (never read from the stored verdict).
 """
@@ -20,10 +21,16 @@ from medisyn.audit.report import GateCheck, GateVerdict, SiteAggregate, SitePriv
 
 
 def evaluate(sites: list[SiteAggregate], privacy: Mapping[str, SitePrivacy],
-             released_ids: list[str], *, alpha: float = 0.01) -> GateVerdict:
+             released_ids: list[str], *, alpha: float = 0.01,
+             expected_sites: list[str] | None = None,
+             site_errors: Mapping[str, str] | None = None) -> GateVerdict:
     checks: list[GateCheck] = []
     if not sites:
         checks.append(GateCheck(name="sites", passed=False, detail="no site audited"))
+    audited = {a.site_id for a in sites}
+    for sid in sorted(set(expected_sites or []) - audited):
+        why = (site_errors or {}).get(sid, "no aggregate received")
+        checks.append(GateCheck(name=f"{sid}: site audited", passed=False, detail=why[:300]))
     released = set(released_ids)
     for a in sites:
         sid = a.site_id
@@ -52,7 +59,10 @@ def evaluate(sites: list[SiteAggregate], privacy: Mapping[str, SitePrivacy],
             detail=(f"{len(a.flagged_ids)} flagged, all excluded" if not leaked
                     else f"{len(leaked)} flagged image(s) in the released set: {', '.join(leaked[:10])}")))
         pr = privacy.get(sid, a.privacy)
-        if pr.epsilon is None or pr.max_epsilon is None:
+        if pr.dp is False and pr.epsilon is None:
+            checks.append(GateCheck(name=f"{sid}: ε within cap", passed=False,
+                                    detail=f"the site trained without DP (ε = ∞); cap = {pr.max_epsilon}"))
+        elif pr.epsilon is None or pr.max_epsilon is None:
             checks.append(GateCheck(name=f"{sid}: ε within cap", passed=False,
                                     detail=f"ε = {pr.epsilon}, cap = {pr.max_epsilon}: not reported"))
         else:

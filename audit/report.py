@@ -154,6 +154,9 @@ class ReleaseReport(_Model):
     prompts: dict[str, str]  # synthetic id -> prompt
     gallery: list[GalleryItem] = Field(default_factory=list)
     alpha: float = 0.01
+    # the sites that were asked to audit (a federated audit) and why any gave no aggregate
+    expected_sites: list[str] = Field(default_factory=list)
+    site_errors: dict[str, str] = Field(default_factory=dict)
     gate: GateVerdict
 
 
@@ -353,6 +356,12 @@ def render_release_html(report: ReleaseReport, images: Mapping[str, np.ndarray] 
         body.append(f"<tr><td>{_e(sid)}</td><td>{_e(p.dp)}</td><td>{_fmt(p.epsilon)}</td>"
                     f"<td>{_fmt(p.delta)}</td><td>{_fmt(p.max_epsilon)}</td></tr>")
     body.append("</table></section>")
+    missing = [sid for sid in report.expected_sites if sid not in {a.site_id for a in report.sites}]
+    if missing:
+        body.append('<section id="missing"><h2>Sites without an audit</h2><ul>')
+        for sid in missing:
+            body.append(f"<li>{_e(sid)}: {_e(report.site_errors.get(sid, 'no aggregate received'))}</li>")
+        body.append("</ul></section>")
     for a in report.sites:
         body.extend(_site_section(a))
     body.append(f'<section id="flagged"><h2>Flagged synthetic images ({len(report.excluded_ids)}, '

@@ -387,12 +387,15 @@ def build_release_report(
     released_ids: Sequence[str] | None = None,
     alpha: float = 0.01,
     gallery_per_prompt: int = 8,
+    expected_sites: Sequence[str] | None = None,
+    site_errors: Mapping[str, str] | None = None,
 ) -> ReleaseReport:
     """Combine the sites' aggregates into the release report and run the gate.
 
     ``released_ids`` defaults to every synthetic id not flagged by any site (flagged images
     are excluded). ``privacy`` maps site id -> ε/δ/cap (from the ledgers); a site's own
-    aggregate value is used where it is missing. Writes ``out_dir/release_report.json``
+    aggregate value is used where it is missing. ``expected_sites``: every site asked to
+    audit; one without an aggregate fails the gate (``site_errors`` says why). Writes ``out_dir/release_report.json``
     and ``out_dir/release_report.html``; returns the validated report.
     """
     from medisyn.audit.gate import evaluate
@@ -414,7 +417,9 @@ def build_release_report(
             if p.max_epsilon is None:
                 p = p.model_copy(update={"max_epsilon": a.privacy.max_epsilon})
             priv[a.site_id] = p
-    verdict = evaluate(sites, priv, released, alpha=alpha)
+    expected = sorted(set(expected_sites or []) | {a.site_id for a in sites})
+    errors = {str(k): str(v)[:500] for k, v in (site_errors or {}).items()}
+    verdict = evaluate(sites, priv, released, alpha=alpha, expected_sites=expected, site_errors=errors)
     gallery: list[GalleryItem] = []
     per_prompt: dict[str, int] = {}
     rel = set(released)
@@ -426,7 +431,7 @@ def build_release_report(
         created=_now(), model_hash=model_hash, config_hash=config_hash, sites=sites,
         privacy=priv, synthetic_ids=ids, released_ids=released,
         excluded_ids=[i for i in ids if i not in rel], prompts={str(s[0]): s[2] for s in synthetic_images},
-        gallery=gallery, alpha=alpha, gate=verdict,
+        gallery=gallery, alpha=alpha, expected_sites=expected, site_errors=errors, gate=verdict,
     )
     out_dir = Path(out_dir)
     _write_json(out_dir / "release_report.json", report.model_dump(mode="json"))
@@ -472,17 +477,45 @@ def encode_synthetic_payload(items: Sequence[Synthetic]) -> str:
                        for i, img, p in items])
 
 
+def site_privacy(site: SiteConfig) -> SitePrivacy:
+    """ε and δ from the site's own privacy ledger (the authority; never the server's word).
+
+    A site with a ledger reports its cumulative ε (∞ when it ever trained without DP; that
+    is reported as ``epsilon = None`` with ``dp = False``). A site without a ledger that has
+    DP on has spent nothing (ε = 0); one with DP off trained without DP (ε = ∞).
+    """
+    import math
+
+    from medisyn.privacy.ledger import PrivacyLedger
+
+    priv = site.privacy
+    ledger = PrivacyLedger.open(site.site.state_dir, site.site.id, priv.accountant, None,
+                                default_delta=priv.delta or 1e-5)
+    if ledger.exists:
+        eps = ledger.epsilon()
+        finite = math.isfinite(eps)
+        return SitePrivacy(epsilon=eps if finite else None, delta=ledger.delta,
+                           max_epsilon=priv.max_epsilon, dp=bool(priv.dp and finite))
+    if priv.dp:
+        return SitePrivacy(epsilon=0.0, delta=ledger.delta, max_epsilon=priv.max_epsilon, dp=True)
+    return SitePrivacy(epsilon=None, delta=None, max_epsilon=priv.max_epsilon, dp=False)
+
+
 def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | None = None,
-               *, audit_config: AuditConfig | None = None) -> dict[str, Any]:
+               *, audit_config: AuditConfig | None = None,
+               synthetic: Sequence[Synthetic] | None = None,
+               privacy: SitePrivacy | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The site's handler of the server's audit ``query`` (``client/site.py`` calls it).
 
     ``config``: ``audit`` (must be in the site's ``allowed_audits``; ``copy-detection``
     runs the copy audit — with ``components`` also the membership probe when allowed),
-    ``synthetic`` (see :func:`decode_synthetic_payload`) or ``synthetic_dir`` (a folder of
-    PNG + sidecars on the site's machine), optional ``model_hash``, ``epsilon``, ``delta``.
-    Returns the shareable aggregate (nested, JSON-safe; ``json.dumps`` it where a flat
-    record is needed). Audit settings: ``audit_config``, else ``site.audit`` once
-    ``SiteConfig`` carries an ``audit: AuditConfig`` field, else defaults.
+    optional ``model_hash``. The images: ``synthetic`` (``(id, image, prompt)`` triples, as
+    the federated query delivers them), else ``config["synthetic"]`` (see
+    :func:`decode_synthetic_payload`) or ``config["synthetic_dir"]`` (a folder of PNG +
+    sidecars on the site's machine). ε/δ: ``privacy``, else the site's own ledger
+    (:func:`site_privacy`); a value the server put in ``config`` is never trusted.
+    Returns the shareable aggregate (nested, JSON-safe). Audit settings: ``audit_config``,
+    else the site's ``[audit]`` table, else defaults.
     """
     audit = str(config.get("audit", "copy-detection"))
     if audit not in site.privacy.allowed_audits:
@@ -491,14 +524,18 @@ def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | No
     if audit != "copy-detection":
         raise AuditRefused(f"audit {audit!r}: only 'copy-detection' is answered by a query "
                            "(the membership probe runs inside it when a model is given)")
-    if "synthetic" in config:
+    if synthetic is not None:
+        syn = list(synthetic)
+    elif "synthetic" in config:
         syn = decode_synthetic_payload(config["synthetic"])
     elif "synthetic_dir" in config:
         syn = load_synthetic_dir(Path(str(config["synthetic_dir"])))
     else:
         raise DataError("audit query carries no synthetic images ('synthetic' or 'synthetic_dir')")
-    priv = {k: float(config[k]) for k in ("epsilon", "delta") if k in config}
+    if audit_config is None and isinstance(getattr(site, "audit", None), Mapping):
+        audit_config = AuditConfig(**site.audit)  # type: ignore[arg-type]
     mh = config.get("model_hash")
-    return audit_synthetic_at_site(site, syn, components, privacy=priv or None,
-                                   audit_config=audit_config or getattr(site, "audit", None),
+    return audit_synthetic_at_site(site, syn, components,
+                                   privacy=privacy if privacy is not None else site_privacy(site),
+                                   audit_config=audit_config,
                                    model_hash=None if mh is None else str(mh))

@@ -73,13 +73,38 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    # HOOK(audit): see medisyn.client.site.query_task; the lead wires medisyn.audit there.
+    """The release audit (``medisyn-server audit``): ``prompts`` or ``copy-detection``.
+
+    In: ``config`` (``audit``, ``model_hash``, the model's ``model-config``/``stage``/...),
+    optional ``arrays``/``frozen`` (the final model's weights), and for copy detection the
+    ``synthetic`` ArrayRecord (uint8 images) with ``synthetic-meta`` (ids, prompts) in the
+    config. Out: ``result`` ConfigRecord holding the shareable aggregate as JSON, a
+    MetricRecord and the site id. Nothing else leaves the site.
+    """
     site, secrets = _site(context)
-    config, _, _ = _inputs(msg)
-    result = site_ops.guarded(site.site.id, secrets, lambda: site_ops.query_task(site, config))
-    metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    config, arrays, frozen = _inputs(msg)
+    site_path = context.node_config.get(site_ops.NODE_SITE_CONFIG)
+
+    def run() -> dict:
+        synthetic = None
+        rec = msg.content.array_records.get("synthetic")
+        if rec is not None:
+            from medisyn.wire import IMAGES, unpack_images
+
+            synthetic = unpack_images(rec[IMAGES].numpy(), str(config.get("synthetic-meta", "[]")))
+        from pathlib import Path
+
+        return site_ops.query_task(site, config, arrays, frozen, synthetic=synthetic,
+                                   site_path=Path(str(site_path)) if site_path else None)
+
+    result = site_ops.guarded(site.site.id, secrets, run)
+    import json
+
+    metrics = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics.setdefault("num-examples", int(result.get("n_synthetic", 0) or 0))
     content = RecordDict({
         "metrics": MetricRecord(metrics),
+        "result": ConfigRecord({"json": json.dumps(result, sort_keys=True)}),
         "site": ConfigRecord({"site-id": site.site.id}),
     })
     return Message(content=content, reply_to=msg)

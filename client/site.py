@@ -114,12 +114,12 @@ def budget_message(e: PrivacyBudgetError) -> str:
 # --------------------------------------------------------------------------- tasks
 
 
-def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
-                    frozen: np.ndarray | None, *, holdout: bool):
+def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
+                frozen: np.ndarray | None):
+    """Build the model the server describes (``model-config``) and load the weights it sent."""
     import torch
 
     from medisyn.config import ModelConfig
-    from medisyn.data import load_dataset
     from medisyn.models import (
         build_components,
         load_trainable_state,
@@ -130,6 +130,7 @@ def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndar
     model_cfg = ModelConfig.model_validate_json(str(config["model-config"]))
     stage = str(config["stage"])
     components = build_components(model_cfg, seed=int(config.get("seed", 0)))
+
     def layout(stages: list[str]) -> list[tuple[str, tuple[int, ...]]]:
         shapes = {f"{fs}/{k}": tuple(v.shape) for fs in stages for k, v in trainable_state(components, fs).items()}  # type: ignore[arg-type]
         return [(k, shapes[k]) for k in sorted(shapes)]
@@ -148,6 +149,14 @@ def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndar
         raise ConfigError("the message carries no weights for the stage")
     own = [(k.partition("/")[2], shape) for k, shape in layout([stage])]
     load_trainable_state(components, stage, {k: torch.from_numpy(np.array(v)) for k, v in unpack(arrays, own).items()})  # type: ignore[arg-type]
+    return components, model_cfg, stage
+
+
+def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
+                    frozen: np.ndarray | None, *, holdout: bool):
+    from medisyn.data import load_dataset
+
+    components, model_cfg, stage = _components(site, config, arrays, frozen)
     split = site.dataset.split.holdout if holdout else site.dataset.split.train
     dataset = load_dataset(site.dataset, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=split)
     if len(dataset) == 0:
@@ -218,24 +227,52 @@ def evaluate_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarra
     return {"loss": float(loss), "num-examples": int(len(dataset))}
 
 
-def query_task(site: SiteConfig, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The audit query (runs at the site, returns aggregates only).
+# What a site answers to an audit query (names; anything else is refused).
+QUERIES = ("prompts", "copy-detection")
 
-    HOOK(audit): the lead wires ``medisyn.audit`` here. Contract: the server sends
-    ``audit`` (one of the site's ``privacy.allowed_audits``) plus what the audit needs;
-    the site returns only aggregates (similarity quantiles, flag counts, ids of flagged
-    synthetic images). Until it is wired, a query fails with a clear error.
+
+def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None = None,
+               frozen: np.ndarray | None = None,
+               synthetic: list[tuple[str, np.ndarray, str]] | None = None,
+               site_path: Path | None = None) -> dict[str, Any]:
+    """The server's audit queries (run at the site; only aggregates come back).
+
+    ``audit = "prompts"``: the prompts of the site's image types, built from the labels in
+    its dataset config (never from a record's caption), so the server can generate K
+    images for each. ``audit = "copy-detection"``: ``synthetic`` holds the server's
+    generated images; with ``arrays``/``frozen`` (the final model's weights, as in a
+    training message) the VAE view and the membership probe run too. ``site_path``: the
+    site TOML, whose ``[audit]`` table configures the audit. The site reads ε
+    and δ from its own ledger. Returns the shareable aggregate (checked by
+    ``medisyn.audit.report.assert_shareable``).
     """
     audit = str(config.get("audit", ""))
-    if audit not in site.privacy.allowed_audits:
+    if audit not in QUERIES:
+        raise PermissionError(f"unknown audit query {audit!r}; a site answers {list(QUERIES)}")
+    # Both queries serve the copy-detection audit; the site's policy must allow it.
+    if "copy-detection" not in site.privacy.allowed_audits:
         raise PermissionError(
             f"audit {audit!r} is not allowed by the site's policy (allowed: {site.privacy.allowed_audits})"
         )
-    try:
-        from medisyn.audit import site_query  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise NotImplementedError("the audit query is not wired into this site's medisyn yet") from e
-    return dict(site_query(site, dict(config)))
+    if audit == "prompts":
+        from medisyn.data import label_prompts
+
+        prompts = sorted(set(label_prompts(site.dataset).values()))
+        return {"prompts": prompts, "image-type": site.dataset.image_type}
+    from medisyn.audit import site_query
+    from medisyn.audit.settings import load_site
+
+    if synthetic is None:
+        raise ConfigError("the copy-detection query carries no synthetic images")
+    components = None
+    if arrays is not None and "model-config" in config:
+        components, _, _ = _components(site, config, arrays, frozen)
+        components.unet.eval()
+        components.vae.eval()
+    # the site's [audit] table (thresholds, views, encoder settings) from its own TOML
+    audit_cfg = load_site(Path(site_path))[1] if site_path is not None else None
+    return dict(site_query(site, {k: v for k, v in config.items() if k in ("audit", "model_hash")},
+                           components, audit_config=audit_cfg, synthetic=synthetic))
 
 
 def dumps_config(config: Mapping[str, Any]) -> str:

@@ -36,3 +36,45 @@ def unpack(flat: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
         out[k] = flat[i:i + n].reshape(shape)
         i += n
     return out
+
+
+# --------------------------------------------------------------------------- images
+
+IMAGES = "images"
+
+
+def pack_images(items: list[tuple[str, np.ndarray, str]]) -> tuple[np.ndarray, str]:
+    """Synthetic images for the audit query: one uint8 ``(N, H, W, C)`` array plus a JSON
+    list of ``{"id", "prompt"}`` in the same order. All images must share one shape."""
+    import json
+
+    if not items:
+        raise ValueError("no images to pack")
+    arrs = [np.asarray(img, dtype=np.uint8) for _, img, _ in items]
+    arrs = [a[..., None] if a.ndim == 2 else a for a in arrs]
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1:
+        raise ValueError(f"synthetic images differ in shape: {sorted(shapes)}")
+    meta = json.dumps([{"id": str(i), "prompt": str(p)} for i, _, p in items])
+    return np.ascontiguousarray(np.stack(arrs)), meta
+
+
+def unpack_images(array: np.ndarray, meta: str) -> list[tuple[str, np.ndarray, str]]:
+    """The inverse of :func:`pack_images`; raises ``ValueError`` naming what is wrong."""
+    import json
+
+    try:
+        rows = json.loads(meta)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"synthetic image list is not valid JSON: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "prompt"} <= set(r) for r in rows):
+        raise ValueError("synthetic image list must be a JSON list of {id, prompt}")
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"synthetic images must be uint8 (N, H, W, 1|3); got {array.dtype} {tuple(array.shape)}")
+    if len(rows) != array.shape[0]:
+        raise ValueError(f"{array.shape[0]} synthetic images but {len(rows)} ids")
+    ids = [str(r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("synthetic image ids are not unique")
+    return [(i, (a[..., 0] if a.shape[-1] == 1 else a).copy(), str(r["prompt"]))
+            for i, a, r in zip(ids, array, rows, strict=True)]

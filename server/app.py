@@ -24,6 +24,9 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg_path = Path(str(context.run_config["federation-config"]))
     cfg = federation_from_json(cfg_path.read_text())
+    if str(context.run_config.get("mode", "train")) == "audit":
+        _audit(grid, context, cfg)
+        return
     resume = bool(context.run_config.get("resume", False))
     attempt = str(context.run_config.get("attempt", ""))
     # One ServerApp per run directory: a ServerApp orphaned by a crashed coordinator
@@ -36,3 +39,22 @@ def main(grid: Grid, context: Context) -> None:
             write_status(cfg.run_dir, Outcome.FAILED, attempt=attempt, message=f"{type(e).__name__}: {e}")
             raise
     logger.info("federation finished: %s", outcome)
+
+
+def _audit(grid: Grid, context: Context, cfg) -> None:  # noqa: ANN001
+    """``mode = "audit"``: the release audit of the run's final model (``medisyn.server.audit``)."""
+    from medisyn.server.audit import AuditRequest, run_audit
+    from medisyn.server.federation import Outcome, run_dir_lock
+
+    req = AuditRequest.model_validate_json(Path(str(context.run_config["audit-request"])).read_text())
+    attempt = str(context.run_config.get("attempt", ""))
+    with run_dir_lock(cfg.run_dir):
+        try:
+            outcome = run_audit(grid, cfg, req, attempt=attempt)
+        except BaseException as e:
+            logger.exception("audit failed")
+            from medisyn.server.audit import AuditProgress
+
+            AuditProgress(req.out_dir, attempt).status(Outcome.FAILED, message=f"{type(e).__name__}: {e}")
+            raise
+    logger.info("audit finished: %s", outcome)

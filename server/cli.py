@@ -56,5 +56,33 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="federatio
     typer.echo(f"config hash: {cfg.hash()}  total rounds: {cfg.total_rounds}")
 
 
+@app.command(help=(
+    "Release audit of a finished run: generate K images per prompt of every site's image "
+    "types from RUN_DIR/model, send them to every site in a Flower query, collect each "
+    "site's shareable aggregate and write OUT/release_report.{json,html} and OUT/released/. "
+    "Exit codes: 0 report written and the release gate passed; 1 report written and the "
+    "gate failed (reasons printed); 2 config error; 3 no sites; 5 internal error; 130 interrupted."))
+def audit(
+    run: Annotated[Path, typer.Option("--run", help="RUN_DIR of a finished `medisyn-server start` run")],
+    n_per_prompt: Annotated[int, typer.Option("--n-per-prompt", "-k", min=1, help="Images generated per prompt.")] = 8,
+    out: Annotated[Path | None, typer.Option("--out", help="Report directory (default RUN_DIR/audit).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = 3.0,
+    seed: Annotated[int, typer.Option("--seed", help="First sampling seed.")] = 0,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt(s) to generate instead of asking the sites (repeatable).")] = None,
+    no_model: Annotated[bool, typer.Option("--no-model", help="Do not send the model's weights to the sites (no VAE view, no membership probe).")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers to one query.")] = 3600.0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show debug logs.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from medisyn.server.audit import AuditRequest, run_audit_command
+
+    run = run.resolve()
+    req = AuditRequest(run_dir=run, out_dir=(out or run / "audit").resolve(), n_per_prompt=n_per_prompt,
+                       steps=steps, guidance=guidance, seed=seed, prompts=prompt or None,
+                       send_model=not no_model, timeout=timeout)
+    raise typer.Exit(run_audit_command(req, echo=typer.echo))
+
+
 def main() -> None:
     app()

@@ -189,10 +189,19 @@ class ServerSupervisor:
             time.sleep(0.3)
         self.echo(f"SuperLink listening on {sl.address} (logs: {self.superlink.log_path})")
 
+    def run_config(self) -> dict[str, Any]:
+        """The ``--run-config`` of the submission (keys declared in the FAB's pyproject)."""
+        return {"federation-config": str(self.run_dir / "federation.resolved.json"),
+                "resume": self.resume, "attempt": self.attempt}
+
+    def describe_submission(self) -> str:
+        return (f"submitted run {self.run_id}: {self.cfg.total_rounds} rounds over stages {self.cfg.stages}, "
+                f"waiting for {self.cfg.min_sites} site(s)")
+
     def submit(self, timeout: float = 180.0) -> str:
-        cfg_path = self.run_dir / "federation.resolved.json"
-        overrides = (f"federation-config={json.dumps(str(cfg_path))} "
-                     f"resume={'true' if self.resume else 'false'} attempt={json.dumps(self.attempt)}")
+        overrides = " ".join(
+            f"{k}={'true' if v is True else 'false' if v is False else json.dumps(v)}"
+            for k, v in self.run_config().items())
         argv = [executable("flwr"), "run", str(self.run_dir / "app"), "medisyn",
                 "--run-config", overrides, "--format", "json"]
         res = subprocess.run(argv, capture_output=True, text=True, env=child_env(self.env()),
@@ -218,8 +227,7 @@ class ServerSupervisor:
             raise SupervisorError(f"flwr run failed ({res.returncode}):\n{res.stdout}\n{res.stderr}",
                                   ExitCode.INTERNAL)
         self.run_id = str(run_id)
-        self.echo(f"submitted run {self.run_id}: {self.cfg.total_rounds} rounds over stages {self.cfg.stages}, "
-                  f"waiting for {self.cfg.min_sites} site(s)")
+        self.echo(self.describe_submission())
         return self.run_id
 
     # ----------------------------------------------------------------- watch

@@ -532,23 +532,135 @@ def test_client_check_reports_data_and_policy(tmp_path):
 
 
 def test_query_hook_enforces_site_policy(tmp_path, client_app):
-    """The audit query: refused when the site's policy does not allow the audit; until
-    the lead wires medisyn.audit, an allowed audit fails with a clear message."""
+    """The audit query: an unknown query, or one the site's policy does not allow, is
+    refused with a clear message; a copy-detection query without images is an error."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    p = write_site(tmp_path, "fundus", privacy='[privacy]\nallowed_audits = ["copy-detection"]\n')
+    p = write_site(tmp_path, "fundus", privacy='[privacy]\nallowed_audits = ["membership"]\n')
+    q = write_site(tmp_path / "ok", "fundus")
     from medisyn.client.site import node_config_for
 
-    ctx = Context(run_id=1, node_id=5, node_config=node_config_for(p, p.parent / "state"),
-                  state=RecordDict(), run_config={})
+    def ctx(path: Path) -> Context:
+        return Context(run_id=1, node_id=5, node_config=node_config_for(path, path.parent / "state"),
+                       state=RecordDict(), run_config={})
 
     def ask(audit: str) -> Message:
         return Message(content=RecordDict({"config": ConfigRecord({"audit": audit})}),
                        message_type="query", dst_node_id=5, group_id="")
 
+    with pytest.raises(MediSynError, match="unknown audit query 'reconstruction'"):
+        client_app(ask("reconstruction"), ctx(q))
     with pytest.raises(MediSynError, match="not allowed by the site's policy"):
-        client_app(ask("membership"), ctx)
-    import medisyn.audit as audit_pkg
+        client_app(ask("prompts"), ctx(p))
+    with pytest.raises(MediSynError, match="carries no synthetic images"):
+        client_app(ask("copy-detection"), ctx(q))
+    reply = client_app(ask("prompts"), ctx(q))
+    got = json.loads(reply.content.config_records["result"]["json"])
+    assert got["prompts"] and all(pr.startswith("ophthalmology") for pr in got["prompts"]), got
 
-    if not hasattr(audit_pkg, "site_query"):
-        with pytest.raises(MediSynError, match="not wired"):
-            client_app(ask("copy-detection"), ctx)
+
+AUDIT_FAST = "[audit]\ncontrastive_steps = 8\ncontrastive_batch = 32\nn_plant = 20\nthreads = 1\n"
+
+
+def test_release_audit_in_process(tmp_path, client_app):
+    """The federated audit end to end in process (real ClientApp, real site audits):
+    prompts come from the sites, K images per prompt go to every site, each answers with a
+    shareable aggregate only; the report carries ε from the DP site's ledger, names the
+    site that refused, and the gate fails for the refusing and the non-DP site."""
+    from medisyn.audit.report import ReleaseReport, assert_shareable
+    from medisyn.server.audit import AuditRequest, run_audit
+
+    from medisyn.privacy.ledger import PrivacyLedger
+
+    dp = '[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 50.0\naccountant = "rdp"\n'
+    refuse = '[privacy]\nallowed_audits = ["membership"]\n'
+    sites = ["breast-us", "fundus", "chest-xray"]
+    nodes = node_configs(tmp_path, sites=sites, privacy={"breast-us": dp + AUDIT_FAST,
+                                                         "fundus": AUDIT_FAST, "chest-xray": refuse})
+    grid = LocalGrid(nodes, client_app)
+    cfg = fed_cfg(tmp_path, sites=sites, min_sites=3)
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    grid.replies.clear()
+    out = tmp_path / "audit"
+    req = AuditRequest(run_dir=cfg.run_dir, out_dir=out, n_per_prompt=2, steps=2)
+    assert run_audit(grid, cfg, req, attempt="t1") == fed.Outcome.DONE
+
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done" and status["attempt"] == "t1" and status["gate"] is False
+    rep = ReleaseReport.model_validate_json((out / "release_report.json").read_text())
+    # prompts: breast-us 2 labels + fundus 5 grades (chest-xray refused to answer)
+    prompts = set(rep.prompts.values())
+    assert len(prompts) == 7 and len(rep.synthetic_ids) == 14
+    assert {a.site_id for a in rep.sites} == {"breast-us", "fundus"}
+    assert rep.expected_sites == sorted(sites)
+    assert "not allowed by the site's policy" in rep.site_errors["chest-xray"]
+    # ε from breast-us's own ledger; fundus trained without DP
+    led = PrivacyLedger.open(tmp_path / "breast-us" / "state", "breast-us", "rdp")
+    assert rep.privacy["breast-us"].epsilon == pytest.approx(led.epsilon(), rel=1e-9) and led.epsilon() > 0
+    assert rep.privacy["breast-us"].dp is True and rep.privacy["fundus"].dp is False
+    reasons = " | ".join(rep.gate.reasons)
+    assert "chest-xray: site audited" in reasons and "fundus: ε within cap" in reasons
+    assert "trained without DP" in reasons
+    assert not any(r.startswith("breast-us: ε") for r in rep.gate.reasons)
+    # every site saw the model: VAE view and membership probe ran
+    for a in rep.sites:
+        assert {v.name for v in a.views} >= {"pixel", "vae"} and a.membership is not None
+        assert a.n_synthetic == 14
+    # what left the sites: one JSON aggregate each, shareable, no site path or value
+    secrets = [str(tmp_path / s) for s in sites] + [str(DEMO)]
+    for reply in grid.replies:
+        if reply.has_error():
+            assert not PATH_LIKE.search(reply.error.reason)
+            continue
+        assert set(reply.content.keys()) == {"metrics", "result", "site"}
+        assert not reply.content.array_records
+        text = reply.content.config_records["result"]["json"]
+        assert not any(s in text for s in secrets)
+        assert_shareable(json.loads(text))
+    # released images on disk; the HTML is self-contained
+    released = sorted(p.stem for p in (out / "released").glob("*.png"))
+    assert released == sorted(rep.released_ids) and len(released) + len(rep.excluded_ids) == 14
+    html = (out / "release_report.html").read_text()
+    assert 'id="gate"' in html and 'id="missing"' in html and "chest-xray" in html
+    assert "src=\"http" not in html
+
+
+def test_audit_rejects_unshareable_aggregate(tmp_path, client_app):
+    """A site whose aggregate carries a path is refused (and so fails the gate)."""
+    from medisyn.audit.report import ReleaseReport
+    from medisyn.server.audit import AuditRequest, run_audit
+
+    sites = ["fundus"]
+    nodes = node_configs(tmp_path, sites=sites, privacy={"fundus": AUDIT_FAST})
+
+    def leak(_site_path: str, reply: Message) -> Message:
+        rec = reply.content.config_records.get("result")
+        if rec is not None and "flagged_ids" in rec["json"]:
+            data = json.loads(rec["json"])
+            data["flagged_ids"] = ["/data/hospital/patient-17.png"]
+            rec["json"] = json.dumps(data)
+        return reply
+
+    grid = LocalGrid(nodes, client_app, tamper={1000: leak})
+    cfg = fed_cfg(tmp_path, sites=sites, stages=["unet"])
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    out = tmp_path / "audit"
+    assert run_audit(grid, cfg, AuditRequest(run_dir=cfg.run_dir, out_dir=out, n_per_prompt=1, steps=2,
+                                             prompts=["ophthalmology, fundus photograph, grade 0"],
+                                             send_model=False)) == fed.Outcome.DONE
+    rep = ReleaseReport.model_validate_json((out / "release_report.json").read_text())
+    assert rep.sites == [] and "rejected aggregate" in rep.site_errors["fundus"]
+    assert not rep.gate.passed
+    assert "/data/hospital" not in (out / "release_report.json").read_text()
+
+
+def test_audit_needs_a_finished_run(tmp_path):
+    from medisyn.server.audit import AuditRequest, run_audit_command
+
+    lines: list[str] = []
+    code = run_audit_command(AuditRequest(run_dir=tmp_path / "nope", out_dir=tmp_path / "o"), echo=lines.append)
+    assert code == 2 and "not a MediSyn run directory" in lines[-1]
+    cfg = fed_cfg(tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "federation.resolved.json").write_text(cfg.model_dump_json())
+    code = run_audit_command(AuditRequest(run_dir=cfg.run_dir, out_dir=tmp_path / "o"), echo=lines.append)
+    assert code == 2 and "no final model" in lines[-1]

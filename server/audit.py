@@ -1,0 +1,392 @@
+"""The federated release audit: ``medisyn-server audit --run RUN_DIR --n-per-prompt K --out DIR``.
+
+1. The supervisor (:class:`AuditSupervisor`) starts a SuperLink (or reuses the demo's),
+   submits the thin app bundle with ``mode = "audit"`` and follows ``OUT/progress.jsonl``.
+2. The ServerApp (:func:`run_audit`) waits for every site of the run, asks each for the
+   prompts of its image types (a ``query`` with ``audit = "prompts"``: label prompts from
+   the site's dataset config, never a record's caption), generates K images per prompt
+   from the run's final model, and sends all of them, with the model's weights, to every
+   site in one ``query`` message (``audit = "copy-detection"``).
+3. Each site runs ``medisyn.audit`` on its own data and answers with its shareable
+   aggregate only (similarity quantiles, flag counts, ids of flagged *synthetic* images,
+   validation rates, ε/δ from its own ledger); the server checks every aggregate with
+   ``assert_shareable`` and writes the release report (``release_report.{json,html}``)
+   and the released images (``OUT/released/``; flagged ones are left out).
+
+Message contract (server -> site), ``query`` content:
+- ``config``: ``audit`` (``prompts`` | ``copy-detection``), ``model_hash``, and for copy
+  detection the model's ``model-config``, ``stage`` (``unet``), ``seed``,
+  ``frozen-stages``/``latent-std`` as in a training message, and ``synthetic-meta`` (JSON
+  list of ``{id, prompt}``);
+- ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.wire``);
+- ``synthetic``: ArrayRecord ``{"images": uint8 (N, H, W, C)}``.
+Reply: ConfigRecord ``result`` with ``json`` (the aggregate), a MetricRecord, ``site``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from medisyn.server.checkpoint import append_jsonl, atomic_write_text
+from medisyn.server.config import FederationConfig, federation_from_json
+from medisyn.server.federation import (
+    GlobalModel,
+    Outcome,
+    frozen_for,
+    read_status,
+    reply_site,
+    to_record,
+    wait_for_sites,
+)
+from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
+from pydantic import BaseModel, ConfigDict, Field
+
+from medisyn.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REQUEST_NAME = "audit-request.json"
+RESOLVED_NAME = "federation.resolved.json"
+
+
+class AuditRequest(BaseModel):
+    """What the coordinator asked for (written to ``OUT/audit-request.json``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_dir: Path
+    out_dir: Path
+    n_per_prompt: int = Field(default=8, ge=1, le=10_000)
+    steps: int = Field(default=25, ge=1, le=1000)
+    guidance: float = Field(default=3.0, ge=0)
+    scheduler: str = "dpm"
+    seed: int = 0
+    prompts: list[str] | None = None  # None: ask every site for its image types' prompts
+    send_model: bool = True  # weights to the sites: adds the VAE view and the membership probe
+    timeout: float = Field(default=3600.0, gt=0)  # per query round
+    site_wait_timeout: float | None = Field(default=None, gt=0)  # None: the run's
+    gallery_per_prompt: int = Field(default=8, ge=0)
+
+
+def load_run(run_dir: Path) -> FederationConfig:
+    """The resolved config of a finished run; a clear error if the run has no final model."""
+    run_dir = Path(run_dir)
+    p = run_dir / RESOLVED_NAME
+    if not p.is_file():
+        raise ConfigError(f"{run_dir} is not a MediSyn run directory (no {RESOLVED_NAME}); "
+                          "pass the run_dir of a `medisyn-server start` run")
+    cfg = federation_from_json(p.read_text())
+    if not (run_dir / "model" / "model_index.json").is_file():
+        st = read_status(run_dir) or {}
+        raise ConfigError(f"{run_dir} has no final model (run state: {st.get('state', 'unknown')}); "
+                          "the audit runs on a finished federation")
+    return cfg
+
+
+# --------------------------------------------------------------------------- ServerApp side
+
+
+class AuditProgress:
+    def __init__(self, out_dir: Path, attempt: str):
+        self.out_dir = Path(out_dir)
+        self.attempt = attempt
+        self.path = self.out_dir / "progress.jsonl"
+
+    def __call__(self, message: str, **extra: Any) -> None:
+        logger.info(message)
+        append_jsonl(self.path, {"time": time.time(), "message": message, **extra})
+
+    def status(self, state: str, **extra: Any) -> None:
+        atomic_write_text(self.out_dir / "status.json",
+                          json.dumps({"state": state, "time": time.time(), "attempt": self.attempt, **extra},
+                                     sort_keys=True))
+
+
+def _query(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], timeout: float,
+           node_sites: dict[int, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Send one ``query`` per node; return (site -> result JSON, site -> error)."""
+    msgs = [Message(content=content(), message_type="query", dst_node_id=n, group_id="audit") for n in nodes]
+    results: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        site = reply_site(reply, node_sites)
+        if reply.has_error():
+            errors[site] = reply.error.reason
+            continue
+        rec = reply.content.config_records.get("result")
+        try:
+            results[site] = json.loads(str(rec["json"])) if rec is not None else {}
+        except (KeyError, json.JSONDecodeError) as e:
+            errors[site] = f"unreadable reply: {e}"
+        if site in results and not isinstance(results[site], dict):
+            errors[site] = "unreadable reply: not a JSON object"
+            results.pop(site)
+    return results, errors
+
+
+def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: str = "") -> str:
+    """The ServerApp's audit mode; returns an :class:`Outcome` and writes the report."""
+    from medisyn.audit import build_release_report
+    from medisyn.audit.report import SiteAggregate, assert_shareable
+
+    from medisyn.generate import generate, write_generated
+    from medisyn.models import model_hash
+    from medisyn.wire import IMAGES, pack_images
+
+    out = Path(req.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = AuditProgress(out, attempt)
+    progress.status(Outcome.RUNNING)
+    run_dir = Path(req.run_dir)
+    model_dir = run_dir / "model"
+    expected = list(cfg.sites)
+    wait = req.site_wait_timeout or cfg.site_wait_timeout
+    want = max(len(expected), cfg.min_sites)
+    progress(f"waiting for {want} site(s) (up to {wait:g} s)")
+    have = wait_for_sites(grid, want, wait)
+    if have < max(cfg.min_sites, 1):
+        msg = f"only {have} site(s) connected within {wait:g} s (min_sites = {cfg.min_sites})"
+        progress.status(Outcome.NO_SITES, message=msg)
+        return Outcome.NO_SITES
+    if have < want:
+        progress(f"only {have} of {want} sites connected; the missing ones fail the release gate")
+    nodes = sorted(grid.get_node_ids())
+    node_sites: dict[int, str] = {}
+
+    # 1. prompts
+    if req.prompts:
+        prompts = sorted(set(req.prompts))
+        progress(f"{len(prompts)} prompt(s) given: generating {req.n_per_prompt} image(s) each")
+    else:
+        pr_results, pr_errors = _query(
+            grid, nodes, lambda: RecordDict({"config": ConfigRecord({"audit": "prompts"})}),
+            req.timeout, node_sites)
+        for site, err in pr_errors.items():
+            progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
+        prompts = sorted({str(p) for r in pr_results.values() for p in r.get("prompts", [])})
+        if not prompts:
+            msg = "no prompts: no site answered the prompts query and none were given (--prompt)"
+            progress.status(Outcome.FAILED, message=msg)
+            return Outcome.FAILED
+        progress(f"{len(prompts)} prompt(s) from {len(pr_results)} site(s): generating "
+                 f"{req.n_per_prompt} image(s) each")
+
+    # 2. generate from the final model
+    model = GlobalModel(cfg.model, from_dir=model_dir)
+    comps = model.components
+    mhash = model_hash(model_dir)
+    t0 = time.time()
+    items = generate(comps, prompts, n_per_prompt=req.n_per_prompt, seed=req.seed, steps=req.steps,
+                     guidance=req.guidance, scheduler=req.scheduler)
+    syn_dir = out / "synthetic"
+    shutil.rmtree(syn_dir, ignore_errors=True)
+    paths = write_generated(items, syn_dir, model_hash=mhash, steps=req.steps, guidance=req.guidance,
+                            scheduler=req.scheduler)
+    synthetic = [(p.stem, np.asarray(g.image), g.prompt) for p, g in zip(paths, items, strict=True)]
+    progress(f"generated {len(synthetic)} image(s) in {time.time() - t0:.1f} s -> {syn_dir}")
+
+    # 3. the copy-detection query
+    images, meta = pack_images(synthetic)
+    config: dict[str, Any] = {"audit": "copy-detection", "model_hash": mhash, "synthetic-meta": meta}
+    arrays = frozen = None
+    if req.send_model:
+        stage = "unet"
+        arrays = to_record(model.state(stage))
+        fz: dict[str, np.ndarray] = {}
+        for fs in frozen_for(cfg, stage):
+            fz.update({f"{fs}/{k}": v for k, v in model.state(fs).items()})
+        frozen = to_record(fz) if fz else None
+        config.update({"stage": stage, "seed": cfg.seed, "model-config": cfg.model.model_dump_json(),
+                       **model.extra_config(stage)})
+        if fz:
+            config["frozen-stages"] = ",".join(frozen_for(cfg, stage))
+
+    def content() -> RecordDict:
+        from flwr.app import Array
+
+        rd = RecordDict({"config": ConfigRecord(config),
+                         "synthetic": ArrayRecord({IMAGES: Array(images)})})
+        if arrays is not None:
+            rd["arrays"] = arrays
+        if frozen is not None:
+            rd["frozen"] = frozen
+        return rd
+
+    progress(f"sending {len(synthetic)} synthetic image(s) to {len(nodes)} site(s); each audits "
+             "them against its own data")
+    t1 = time.time()
+    results, errors = _query(grid, nodes, content, req.timeout, node_sites)
+    aggregates: list[SiteAggregate] = []
+    for site, res in sorted(results.items()):
+        try:
+            agg = SiteAggregate.model_validate(res)
+            if agg.site_id != site:
+                raise ValueError(f"aggregate names site {agg.site_id!r}")
+            assert_shareable(agg.model_dump(mode="json"))
+        except Exception as e:  # a malformed or unshareable aggregate is refused, not used
+            # name the problem, never echo the offending value (it may be a leaked path)
+            from pydantic import ValidationError
+
+            if isinstance(e, ValidationError):
+                where = ", ".join(".".join(str(x) for x in err["loc"]) for err in e.errors()[:5])
+                errors[site] = f"rejected aggregate: not a valid site aggregate (fields: {where})"
+            elif isinstance(e, ValueError) and "aggregate names site" in str(e):
+                errors[site] = f"rejected aggregate: {e}"
+            else:
+                errors[site] = ("rejected aggregate: it failed the shareability check (a path-like "
+                                "string, a site-local value or an array-like list); nothing of it is used")
+            continue
+        aggregates.append(agg)
+        o = agg.overall
+        progress(f"site {site}: {o.flagged.count}/{o.n_synthetic} flagged (held-out baseline "
+                 f"{o.holdout_baseline.rate:.3f}); detector validated: "
+                 f"{agg.validation.validated if agg.validation else None}", site=site)
+    for site, err in errors.items():
+        progress(f"site {site}: audit failed: {err[:300]}", site=site)
+    progress(f"site audits took {time.time() - t1:.1f} s")
+
+    # 4. the release report and the released set
+    report = build_release_report(
+        aggregates, synthetic, out_dir=out, model_hash=mhash, config_hash=cfg.hash(),
+        expected_sites=sorted(set(expected) | set(errors)), site_errors=errors,
+        gallery_per_prompt=req.gallery_per_prompt,
+    )
+    rel_dir = out / "released"
+    shutil.rmtree(rel_dir, ignore_errors=True)
+    rel_dir.mkdir(parents=True)
+    released = set(report.released_ids)
+    for p in paths:
+        if p.stem in released:
+            shutil.copy(p, rel_dir / p.name)
+            shutil.copy(p.with_suffix(".json"), rel_dir / f"{p.stem}.json")
+    progress(f"release report written: gate {'PASS' if report.gate.passed else 'FAIL'}; "
+             f"{len(report.released_ids)} released, {len(report.excluded_ids)} excluded")
+    progress.status(Outcome.DONE, gate=report.gate.passed, reasons=report.gate.reasons[:50],
+                    report=str(out / "release_report.json"))
+    return Outcome.DONE
+
+
+# --------------------------------------------------------------------------- supervisor side
+
+
+class AuditSupervisor(ServerSupervisor):
+    """``medisyn-server audit``: the SuperLink, the ``mode = "audit"`` submission, progress."""
+
+    def __init__(self, cfg: FederationConfig, req: AuditRequest, *, echo: Callable[[str], None] = print,
+                 superlink: Any = None, poll: float = 1.0):
+        super().__init__(cfg, resume=False, echo=echo, poll=poll)
+        self.req = req
+        self.out_dir = Path(req.out_dir)
+        self._shared_superlink = superlink is not None
+        self.superlink = superlink
+
+    def prepare(self) -> None:
+        rd = self.run_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("status.json", "progress.jsonl"):
+            (self.out_dir / name).unlink(missing_ok=True)
+        atomic_write_text(self.out_dir / REQUEST_NAME, self.req.model_dump_json(indent=1))
+        home = rd / "flwr-home"
+        home.mkdir(exist_ok=True)
+        from medisyn.server.supervisor import flwr_home_config
+
+        atomic_write_text(home / "config.toml", flwr_home_config(self.cfg))
+        app = rd / "app"
+        shutil.rmtree(app, ignore_errors=True)
+        app.mkdir()
+        for f in self.fab_dir.iterdir():
+            if f.is_file() and f.suffix in (".toml", ".py"):
+                shutil.copy(f, app / f.name)
+
+    def start_superlink(self, timeout: float = 90.0) -> None:
+        if self.superlink is None:
+            super().start_superlink(timeout)
+
+    def run_config(self) -> dict[str, Any]:
+        return {**super().run_config(), "mode": "audit",
+                "audit-request": str((self.out_dir / REQUEST_NAME).resolve())}
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            st = json.loads((self.out_dir / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return st if st.get("attempt") == self.attempt else None
+
+    def print_new_rounds(self) -> list[dict[str, Any]]:
+        p = self.out_dir / "progress.jsonl"
+        if not p.is_file():
+            return []
+        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        new = [json.loads(ln) for ln in lines[self._printed:]]
+        self._printed = len(lines)
+        for rec in new:
+            self.echo(f"audit: {rec.get('message', '')}")
+        return new
+
+    def describe_submission(self) -> str:
+        return (f"submitted audit run {self.run_id}: {self.req.n_per_prompt} image(s) per prompt, "
+                f"sites {list(self.cfg.sites)}")
+
+    def close(self) -> None:
+        if not self._shared_superlink:
+            super().close()
+
+
+def run_audit_command(req: AuditRequest, *, echo: Callable[[str], None] = print,
+                      superlink: Any = None) -> int:
+    """Run the federated audit to its report; 0 gate passed, 1 gate failed, else an ExitCode."""
+    import signal
+
+    try:
+        cfg = load_run(req.run_dir)
+    except ConfigError as e:
+        echo(f"error: {e}")
+        return int(ExitCode.CONFIG)
+    sup = AuditSupervisor(cfg, req, echo=echo, superlink=superlink)
+    previous = None
+
+    def _term(_sig, _frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _term)
+    except ValueError:
+        pass
+    try:
+        sup.prepare()
+        sup.start_superlink()
+        sup.submit()
+        code = sup.watch()
+        if code != ExitCode.OK:
+            return int(code)
+        st = sup.status() or {}
+        report = Path(req.out_dir) / "release_report.json"
+        html = Path(req.out_dir) / "release_report.html"
+        echo(f"release report: {html}  (JSON: {report}; released images: {Path(req.out_dir) / 'released'})")
+        if st.get("gate"):
+            echo("release gate: PASS")
+            return 0
+        echo("release gate: FAIL")
+        for r in st.get("reasons", []):
+            echo(f"  - {r}")
+        return 1
+    except SupervisorError as e:
+        echo(f"error: {e}")
+        return int(e.code)
+    except KeyboardInterrupt:
+        echo("interrupted: stopping the audit")
+        return int(ExitCode.INTERRUPTED)
+    finally:
+        sup.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
