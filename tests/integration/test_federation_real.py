@@ -189,13 +189,20 @@ def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
         assert d is not None and not d.alive() and not group_members(d.pid)
 
 
-@pytest.mark.timeout(420)
+AUDIT_FAST = "[audit]\ncontrastive_steps = 8\ncontrastive_batch = 32\nn_plant = 20\nthreads = 1\n"
+
+
+@pytest.mark.timeout(720)
 def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     """`medisyn-server start` killed (SIGKILL, with its SuperLink) after round 1 of 2;
     `medisyn-server start --resume` continues at round 2 and ends at round 2.
 
     One site trains under DP-SGD: its ε grows round over round, across the server crash,
-    and equals a fresh Opacus accountant fed the history in the site's ledger."""
+    and equals a fresh Opacus accountant fed the history in the site's ledger.
+
+    Then `medisyn-server audit` (a new SuperLink; the same site daemons) runs the release
+    audit of the final model: the report carries that ε, both sites' aggregates, and the
+    gate's verdict, which `medisyn audit gate` reproduces."""
     from medisyn.client.supervisor import SiteSupervisor
 
     port = free_port()
@@ -205,7 +212,7 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     cfg_path = tmp_path / "federation.toml"
     cfg_path.write_text(_toml(cfg))
     dp = '[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 50.0\naccountant = "rdp"\n'
-    sups = [SiteSupervisor(site_toml(tmp_path, s, port, privacy=dp if s == "breast-us" else ""),
+    sups = [SiteSupervisor(site_toml(tmp_path, s, port, privacy=(dp if s == "breast-us" else "") + AUDIT_FAST),
                            extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
             for s in sites]
     cleanup.extend(s.daemon.pid for s in sups)
@@ -229,6 +236,12 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
                                 start_new_session=True)
         print(second.stdout, second.stderr)
         cleanup.append(json.loads(pids.read_text())["superlink"])
+        audit_out = tmp_path / "release"
+        audit = subprocess.run(
+            [executable("medisyn-server"), "audit", "--run", str(cfg.run_dir), "--n-per-prompt", "2",
+             "--steps", "2", "--out", str(audit_out), "--timeout", "400"],
+            env=env, capture_output=True, text=True, timeout=480, start_new_session=True)
+        print(audit.stdout, audit.stderr)
     finally:
         for s in sups:
             s.stop()
@@ -253,6 +266,25 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     fresh = RDPAccountant()
     fresh.history = [(e["sigma"], e["q"], e["steps"]) for e in ledger["entries"]]
     assert fresh.get_epsilon(ledger["delta"]) == pytest.approx(eps[1], rel=1e-6)
+
+    # the release audit over real processes
+    from medisyn.audit.report import ReleaseReport
+
+    assert audit.returncode == 1, audit.stdout + audit.stderr  # report written, gate failed
+    assert "release gate: FAIL" in audit.stdout and "dermoscopy: ε within cap" in audit.stdout
+    rep = ReleaseReport.model_validate_json((audit_out / "release_report.json").read_text())
+    assert {a.site_id for a in rep.sites} == set(sites) and rep.site_errors == {}
+    assert rep.privacy["breast-us"].epsilon == pytest.approx(eps[1], rel=1e-6)
+    assert rep.privacy["dermoscopy"].dp is False
+    n_prompts = len(set(rep.prompts.values()))
+    assert n_prompts >= 2 + 2 and len(rep.synthetic_ids) == 2 * n_prompts  # breast 2 labels, derm ≥ 2
+    assert rep.model_hash and rep.config_hash == cfg.hash()
+    text = (audit_out / "release_report.json").read_text()
+    assert str(tmp_path) not in text and str(DEMO) not in text
+    gate = subprocess.run([executable("medisyn"), "audit", "gate", str(audit_out / "release_report.json")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert gate.returncode == 1 and "dermoscopy: ε within cap" in gate.stdout
+    assert len(list((audit_out / "released").glob("*.png"))) == len(rep.released_ids)
 
 
 def _toml(cfg: FederationConfig) -> str:
