@@ -127,7 +127,7 @@ def run_medisyn(work: Path, *, sites: list[str], rounds: int, local_steps: int) 
     from medisyn.server.config import FederationConfig
     from medisyn.server.demo import write_site_configs
     from medisyn.server.federation import iter_metrics
-    from medisyn.server.procs import free_port
+    from medisyn.procs import free_port
     from medisyn.server.supervisor import ServerSupervisor
 
     port = free_port()
@@ -158,7 +158,7 @@ def run_medisyn(work: Path, *, sites: list[str], rounds: int, local_steps: int) 
 
 
 def run_noop(work: Path, *, sites: int, rounds: int, sleep: float, n_floats: int) -> list[dict]:
-    from medisyn.server.procs import Daemon, child_env, executable, free_port, port_open
+    from medisyn.procs import Daemon, child_env, executable, free_port, port_open
 
     port = free_port()
     app = work / "noop"

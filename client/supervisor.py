@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from medisyn.client.site import node_config_for
-from medisyn.server.procs import Daemon, Restarting, executable, free_port
 
 from medisyn.config import SiteConfig, load_site_config
 from medisyn.errors import ConfigError, DataError, MediSynError
+from medisyn.procs import Daemon, Restarting, executable, free_port
 
 logger = logging.getLogger(__name__)
 

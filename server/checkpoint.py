@@ -20,40 +20,18 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medisyn.fileio import append_jsonl, atomic_write_text  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 LATEST = "LATEST"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line (a single write of a complete line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with path.open("a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @dataclass

@@ -24,10 +24,10 @@ from importlib import resources
 from pathlib import Path
 
 from medisyn.server.config import FederationConfig, ServerSuperLink, StrategyConfig
-from medisyn.server.procs import PeakRSS, free_port
 from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
 
 from medisyn.config import ModelConfig, TrainConfig, UNetConfig, VAEConfig
+from medisyn.procs import PeakRSS, free_port
 
 logger = logging.getLogger(__name__)
 

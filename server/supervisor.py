@@ -28,7 +28,8 @@ from typing import Any
 from medisyn.server.checkpoint import atomic_write_text, latest_checkpoint
 from medisyn.server.config import FederationConfig
 from medisyn.server.federation import Outcome, read_status
-from medisyn.server.procs import Daemon, child_env, executable, port_open, write_pids
+
+from medisyn.procs import Daemon, child_env, executable, port_open, write_pids
 
 logger = logging.getLogger(__name__)
 

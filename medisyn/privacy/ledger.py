@@ -26,13 +26,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medisyn.errors import LedgerError
+from medisyn.fileio import atomic_write_json  # noqa: F401  (re-exported)
 from medisyn.privacy.accounting import ACCOUNTANTS, epsilon, merge_history
 
 logger = logging.getLogger(__name__)
@@ -58,32 +58,6 @@ def _canonical(obj: Any) -> bytes:
 
 def _checksum(body: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
-    path = Path(path)
-    blob = json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
