@@ -261,3 +261,98 @@ def flags(views: Sequence[View], images: Sequence[np.ndarray]) -> tuple[np.ndarr
         per[v.name] = s
         anyf |= s >= v.threshold
     return anyf, per
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def build_views(embedders: Sequence[Embedder], train: Sequence[np.ndarray], audit: Any) -> list[Any]:
+    """The audit's views over ``train`` for fitted ``embedders`` (``audit``: an
+    ``AuditConfig``), plus the registration re-scorer when ``audit.registration`` is on
+    (candidates from the ``registration_source`` view, else the last learned view, else
+    pixel)."""
+    from medisyn.audit.settings import crop_grid_for, db_blur_for
+
+    views: list[Any] = []
+    for e in embedders:
+        views.append(View(e, train, exact_max=audit.exact_max, db_crop_grid=crop_grid_for(e, audit),
+                          db_blur=db_blur_for(e, audit), query_flips=audit.query_flips))
+    if getattr(audit, "registration", False) and views:
+        from medisyn.audit.registration import RegistrationView
+
+        src = next((v for v in views if v.name == audit.registration_source), None)
+        if src is None:
+            learned = [v for v in views if not isinstance(v.embedder, PixelEmbedder)]
+            src = learned[-1] if learned else views[0]
+        step = audit.registration_angle_step
+        m = audit.registration_max_angle
+        angles = np.arange(-m, m + 1e-6, step) if step > 0 and m > 0 else np.zeros(1)
+        views.append(RegistrationView(src, train, topk=audit.registration_topk, angles=angles,
+                                      scales=audit.registration_scales,
+                                      subpixel=audit.registration_subpixel,
+                                      blur=audit.registration_blur, query_blur=0.0))
+    return views
+
+
+def log_distance(s: np.ndarray, median: float) -> np.ndarray:
+    """Standardised score of a view: log((1 − median) / (1 − s)), how many times closer to
+    "identical" (similarity 1) a query is than the view's median held-out image."""
+    return np.log(max(1.0 - median, 1e-6) / np.maximum(1.0 - np.asarray(s, np.float64), 1e-6))
+
+
+def view_thresholds(hold_scores: dict[str, np.ndarray], q: float,
+                    method: str = "combined") -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-view thresholds from held-out scores (each array: one best similarity per
+    held-out image, same images in every view).
+
+    * ``per_view``: each view's ``q`` quantile (the union of V views then flags new images
+      at up to V × (1 − q); with n < 1/(1−q) held-out images, at about V/(n+1)).
+    * ``combined``: one threshold for the union — each view's score is standardised by
+      :func:`log_distance` (the view's held-out median), an image's combined score is the
+      maximum over views, and T = the ``q`` quantile of the held-out combined scores; view
+      v fires at s ≥ 1 − (1 − median_v)·e^(−T), i.e. exactly when the combined score
+      reaches T. The union then flags new images at about 1 − q (1/(n+1) below n = 1/(1−q)).
+    """
+    names = list(hold_scores)
+    if method == "per_view":
+        return {v: stats.conservative_quantile(hold_scores[v], q) for v in names}, {"method": method}
+    if method != "combined":
+        raise ValueError(f"unknown calibration method {method!r}")
+    med = {v: float(np.median(hold_scores[v])) for v in names}
+    z = np.max(np.stack([log_distance(hold_scores[v], med[v]) for v in names]), axis=0)
+    t = stats.conservative_quantile(z, q)
+    thr = {v: float(1.0 - max(1.0 - med[v], 1e-6) * np.exp(-t)) for v in names}
+    # the held-out image that set T must itself reach the threshold (float round-off)
+    for v in names:
+        hit = log_distance(hold_scores[v], med[v]) >= t
+        if hit.any():
+            thr[v] = min(thr[v], float(np.min(np.asarray(hold_scores[v])[hit])))
+    return thr, {"method": method, "combined_threshold": float(t), "medians": med}
+
+
+def crossfit(hold_scores: dict[str, np.ndarray], q: float, *, method: str = "combined",
+             folds: int = 10, seed: int = 0) -> dict[str, Any]:
+    """K-fold cross-fitted false positives: thresholds from K−1 folds of the held-out
+    images, flags counted on the remaining fold, for every fold (each held-out image is a
+    genuinely new image once, judged by thresholds from (K−1)/K of the others — close to
+    the deployed threshold, which uses all of them). Returns the union's flags, per-view
+    flags and each fold's thresholds."""
+    names = list(hold_scores)
+    n = len(next(iter(hold_scores.values())))
+    k = max(2, min(folds, n))
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(perm, k)
+    anyf = np.zeros(n, bool)
+    per = {v: np.zeros(n, bool) for v in names}
+    fold_thr = []
+    for j in range(k):
+        test = parts[j]
+        fit = np.concatenate([parts[i] for i in range(k) if i != j])
+        thr, _ = view_thresholds({v: np.asarray(hold_scores[v])[fit] for v in names}, q, method)
+        fold_thr.append(thr)
+        for v in names:
+            f = np.asarray(hold_scores[v])[test] >= thr[v]
+            per[v][test] = f
+            anyf[test] |= f
+    return {"flags": anyf, "per_view": per, "fold_thresholds": fold_thr, "folds": k,
+            "fold_sizes": [len(p) for p in parts]}

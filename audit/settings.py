@@ -50,6 +50,18 @@ class AuditConfig(BaseModel):
     pixel_shifts: int = Field(default=2, ge=0, le=4)  # pixel view: query shifts up to ±N px
     contrastive_proxy_weight: float = Field(default=0.0, ge=0)
     contrastive_preblur: float = Field(default=0.8, ge=0, le=3)
+    # registration re-scorer (audit/registration.py): NCC over inverse crop/rotation search
+    registration: bool = True
+    registration_source: str = "contrastive"  # view whose top-k are the candidates
+    registration_topk: int = Field(default=20, ge=1, le=200)
+    registration_max_angle: float = Field(default=10.0, ge=0, le=45)
+    registration_angle_step: float = Field(default=2.5, ge=0)
+    registration_scales: list[float] = Field(default_factory=lambda: [0.8])
+    registration_subpixel: int = Field(default=2, ge=1, le=4)
+    registration_blur: float = Field(default=0.8, ge=0, le=3)
+    # thresholds: "per_view" (each view's quantile) or "combined" (one for the union)
+    calibration: Literal["per_view", "combined"] = "per_view"
+    calibration_folds: int = Field(default=10, ge=2, le=100)  # cross-fitted false positives
 
 
 @contextlib.contextmanager

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 from medisyn.audit import stats
-from medisyn.audit.calibration import View, clean_splits, similarity_quantiles
+from medisyn.audit.calibration import (
+    View,
+    build_views,
+    clean_splits,
+    crossfit,
+    similarity_quantiles,
+    view_thresholds,
+)
 from medisyn.audit.data import load_site_images
 from medisyn.audit.membership import components_loss_fn, membership_probe
 from medisyn.audit.report import (
@@ -43,8 +50,6 @@ from medisyn.audit.report import (
 from medisyn.audit.settings import (
     AuditConfig,
     cpu_threads,
-    crop_grid_for,
-    db_blur_for,
     load_site,
     make_embedders,
     site_channels,
@@ -140,12 +145,12 @@ def _validation_summary(v: Mapping[str, Any]) -> ValidationSummary:
     )
 
 
-def _primary(views: Sequence[View]) -> View:
+def _primary(views: Sequence[Any]) -> View:
     for pref in ("contrastive", "vae"):
         for v in views:
-            if v.name == pref:
+            if v.name == pref and isinstance(v, View):
                 return v
-    return views[-1]
+    return [v for v in views if isinstance(v, View)][-1]
 
 
 def audit_synthetic_at_site(
@@ -233,25 +238,22 @@ def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: A
             validation["cache_key"] = key
             _write_json(cached, validation)
 
-    views = []
     for e in embs:
         e.fit(train)
-        views.append(View(e, train, exact_max=audit.exact_max, db_crop_grid=crop_grid_for(e, audit),
-                          db_blur=db_blur_for(e, audit),
-                          query_flips=audit.query_flips))
-    # held-out scores: threshold on all clean held-out; baseline by 2-fold cross-fitting
-    hold_scores = {}
+    views = build_views(embs, train, audit)
+    # thresholds from all clean held-out images (audit.calibration: one threshold for the
+    # union, or per view); held-out baseline by K-fold cross-fitting
+    hold_scores = {v.name: v.score(hold)[0] for v in views}
+    thr, _cal = view_thresholds(hold_scores, audit.quantile, audit.calibration)
     for v in views:
-        hold_scores[v.name] = v.score(hold)[0]
-        v.calibrate(hold, audit.quantile)
+        v.threshold = thr[v.name]
+        v.calibration = {"threshold": v.threshold, "quantile": audit.quantile,
+                         "calibration": audit.calibration, "n_holdout": len(hold),
+                         "note": stats.effective_quantile_note(len(hold), audit.quantile),
+                         "holdout_similarity_quantiles": similarity_quantiles(hold_scores[v.name])}
     rng = np.random.default_rng(audit.seed)
-    perm = rng.permutation(len(hold))
-    a_idx, b_idx = perm[: len(hold) // 2], perm[len(hold) // 2:]
-    base_flag = np.zeros(len(hold), bool)
-    for fit_idx, test_idx in ((a_idx, b_idx), (b_idx, a_idx)):
-        for v in views:
-            t = stats.conservative_quantile(hold_scores[v.name][fit_idx], audit.quantile)
-            base_flag[test_idx] |= hold_scores[v.name][test_idx] >= t
+    base_flag = crossfit(hold_scores, audit.quantile, method=audit.calibration,
+                         folds=audit.calibration_folds, seed=audit.seed)["flags"]
     baseline = _rateci(int(base_flag.sum()), len(hold))
 
     k = min(audit.neighbours, len(train))

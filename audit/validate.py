@@ -18,16 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 from medisyn.audit import augment, stats
-from medisyn.audit.calibration import View, clean_splits, similarity_quantiles
-from medisyn.audit.data import SiteImages
-from medisyn.audit.settings import (
-    AuditConfig,
-    cpu_threads,
-    crop_grid_for,
-    db_blur_for,
-    make_embedders,
-    site_channels,
+from medisyn.audit.calibration import (
+    build_views,
+    clean_splits,
+    crossfit,
+    similarity_quantiles,
+    view_thresholds,
 )
+from medisyn.audit.data import SiteImages
+from medisyn.audit.settings import AuditConfig, cpu_threads, make_embedders, site_channels
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +81,26 @@ def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path |
     embs = embedders if embedders is not None else make_embedders(
         audit, channels=site_channels(train), cache_dir=cache_dir, components=components)
     t_fit = time.perf_counter()
-    views = []
     for e in embs:
         e.fit(train)
-        views.append(View(e, train, exact_max=audit.exact_max, db_crop_grid=crop_grid_for(e, audit),
-                          db_blur=db_blur_for(e, audit),
-                          query_flips=audit.query_flips))
+    views = build_views(embs, train, audit)
     fit_seconds = time.perf_counter() - t_fit
-    # 2-fold: thresholds from one half, false positives counted on the other, both ways
-    # (every clean held-out image is a "new image" once). Plants are judged at the higher
-    # of the two folds' thresholds (conservative).
-    a_idx, b_idx = perm[:half], perm[half:]
+    # Thresholds exactly as the site audit sets them (all clean held-out images); false
+    # positives by K-fold cross-fitting (thresholds from K-1 folds, flags on the last).
+    t_hold = time.perf_counter()
     hold_scores = {v.name: v.score(hold)[0] for v in views}
-    fold_t: dict[str, tuple[float, float]] = {}
+    hold_seconds = time.perf_counter() - t_hold
+    thr, cal_info = view_thresholds(hold_scores, audit.quantile, audit.calibration)
+    cf = crossfit(hold_scores, audit.quantile, method=audit.calibration,
+                  folds=audit.calibration_folds, seed=audit.seed)
     for v in views:
         hs = hold_scores[v.name]
-        ta = stats.conservative_quantile(hs[a_idx], audit.quantile)
-        tb = stats.conservative_quantile(hs[b_idx], audit.quantile)
-        fold_t[v.name] = (ta, tb)
-        v.threshold = max(ta, tb)
-        n_fold = len(a_idx) if ta >= tb else len(b_idx)
+        v.threshold = thr[v.name]
         v.calibration = {"threshold": v.threshold, "quantile": audit.quantile,
-                         "n_holdout": int(n_fold),
-                         "note": stats.effective_quantile_note(int(n_fold), audit.quantile),
-                         "fold_thresholds": [ta, tb],
+                         "calibration": audit.calibration,
+                         "n_holdout": len(hold),
+                         "note": stats.effective_quantile_note(len(hold), audit.quantile),
+                         "fold_thresholds": [float(t[v.name]) for t in cf["fold_thresholds"]],
                          "holdout_similarity_quantiles": similarity_quantiles(hs)}
 
     n_plant = min(audit.n_plant, len(train))
@@ -113,7 +108,9 @@ def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path |
     families = list(augment.FAMILIES) + (list(augment.SINGLE_TRANSFORMS) if breakdown else [])
     detection: dict[str, Any] = {}
     per_view_detection: dict[str, dict[str, float]] = {v.name: {} for v in views}
+    family_seconds: dict[str, float] = {}
     for fi, fam in enumerate(families):
+        t_f = time.perf_counter()
         planted = plant(train, fam, src, seed=audit.seed * 1000 + fi + 1)
         hit = np.zeros(n_plant, bool)
         for v in views:
@@ -122,17 +119,10 @@ def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path |
             per_view_detection[v.name][fam] = float(fired.mean())
             hit |= fired
         detection[fam] = stats.rate(int(hit.sum()), n_plant)
+        family_seconds[fam] = round(time.perf_counter() - t_f, 2)
 
-    fp_any = np.zeros(len(hold), bool)
-    per_view_fp = {}
-    for v in views:
-        hs = hold_scores[v.name]
-        ta, tb = fold_t[v.name]
-        f = np.zeros(len(hold), bool)
-        f[b_idx] = hs[b_idx] >= ta
-        f[a_idx] = hs[a_idx] >= tb
-        per_view_fp[v.name] = float(f.mean())
-        fp_any |= f
+    fp_any = cf["flags"]
+    per_view_fp = {v.name: float(cf["per_view"][v.name].mean()) for v in views}
     fp = stats.rate(int(fp_any.sum()), len(hold))
 
     det_rate = {f: detection[f]["rate"] for f in augment.FAMILIES}
@@ -154,16 +144,20 @@ def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path |
         "targets_met": targets_met,
         "validated": bool(all(targets_met.values()) and detection["exact"]["rate"] >= 0.99),
         "n_planted_per_family": int(n_plant),
-        "n_calibration": len(calib),
-        "n_calibration_folds": [len(a_idx), len(b_idx)],
+        "n_calibration": len(hold),
+        "n_calibration_folds": cf["fold_sizes"],
         "n_fresh": len(hold),
+        "calibration": {**cal_info, "folds": cf["folds"]},
         "quantile": audit.quantile,
         "views": [v.describe() for v in views],
         "data_findings": clean.findings,
         "fit_seconds": round(fit_seconds, 2),
+        "holdout_score_seconds": round(hold_seconds, 2),
+        "family_seconds": family_seconds,
         "seconds": round(time.perf_counter() - t0, 2),
-        "method": ("clean held-out split in two folds; per view, threshold = quantile of one "
-                   "fold's best similarity to train; false positives = images of the other fold "
-                   "flagged by any view, both ways (n = all clean held-out); planted copies of "
-                   "random training images flagged by any view at the higher fold threshold"),
+        "method": (f"thresholds ({audit.calibration}) from all clean held-out images, as the "
+                   "site audit sets them; planted copies of random training images flagged by "
+                   "any view at those thresholds; false positives by "
+                   f"{cf['folds']}-fold cross-fitting (thresholds from the other folds, flags "
+                   "by any view counted on each fold; n = all clean held-out)"),
     }

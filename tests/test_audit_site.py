@@ -152,7 +152,7 @@ def test_cli_validate_and_site(site, tmp_path):
     v = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert set(v["detection_rate"]) == {"exact", "mild", "hard"}
     assert 0.0 <= v["false_positive_rate"] <= 1.0
-    assert set(v["thresholds"]) == {"pixel", "contrastive"}
+    assert set(v["thresholds"]) == {"pixel", "contrastive", "registration"}
     assert v["detection_rate"]["exact"] == 1.0
     syn_dir = tmp_path / "syn"
     syn_dir.mkdir()
