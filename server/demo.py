@@ -3,8 +3,7 @@
 ``run_demo(out_dir, quick)`` starts a real ``flower-superlink`` and one real
 ``flower-supernode`` per site (breast-us, chest-xray, fundus, dermoscopy, each with the
 small vendored sample in ``medisyn/assets/demo/<site>/``), trains stage ``vae`` then
-stage ``unet`` federatedly, writes the global model, generates a grid per image type
-and prints where everything is. Every process it started is stopped at the end, also
+stage ``unet`` federatedly, writes the global model, and prints where everything is. Every process it started is stopped at the end, also
 on Ctrl-C. The lead mounts it as ``medisyn demo [--out DIR] [--quick]``.
 
 One site trains under DP-SGD (``dp_site``). The demo ends with the release audit
@@ -108,23 +107,37 @@ def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_
     return paths
 
 
-def generate_grids(run_dir: Path, site_paths: dict[str, Path], out_dir: Path, *, quick: bool) -> dict[str, Path]:
-    """One grid per image type with the federated model (rows: the labels' prompts)."""
+def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """One grid per image type (rows: the labels' prompts) from the images the release
+    audit generated with the final model (``OUT/release/synthetic``), so the demo does not
+    sample twice."""
+    import json as _json
+
+    from PIL import Image
+
     from medisyn.config import load_site_config
     from medisyn.data import label_prompts
-    from medisyn.generate import generate, write_generated
-    from medisyn.models import load_components, model_hash
+    from medisyn.generate import make_grid
 
-    components = load_components(run_dir / "model")
-    mhash = model_hash(run_dir / "model")
+    by_prompt: dict[str, list[Path]] = {}
+    for side in sorted(Path(synthetic_dir).glob("*.json")):
+        prompt = _json.loads(side.read_text()).get("prompt")
+        if isinstance(prompt, str) and side.with_suffix(".png").is_file():
+            by_prompt.setdefault(prompt, []).append(side.with_suffix(".png"))
     grids: dict[str, Path] = {}
-    steps, n = (10, 2) if quick else (25, 4)
     for site, path in site_paths.items():
         ds = load_site_config(path).dataset
-        prompts = sorted(set(label_prompts(ds).values())) or [f"{ds.specialty}, {ds.image_type}"]
-        items = generate(components, prompts, n_per_prompt=n, seed=0, steps=steps, guidance=3.0)
+        rows = [by_prompt[p] for p in sorted(set(label_prompts(ds).values())) if p in by_prompt]
+        if not rows:
+            continue
+        ncols = max(len(r) for r in rows)
+        images = []
+        for r in rows:
+            ims = [Image.open(f).convert("RGB") for f in r]
+            images += ims + [Image.new("RGB", ims[0].size, "white")] * (ncols - len(ims))
         d = out_dir / "samples" / site
-        write_generated(items, d, model_hash=mhash, steps=steps, guidance=3.0, scheduler="dpm")
+        d.mkdir(parents=True, exist_ok=True)
+        make_grid(images, ncols=ncols).save(d / "grid.png")
         grids[ds.image_type] = d / "grid.png"
     return grids
 
@@ -180,8 +193,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
                     s.stop()
                 supervisors = []
                 server.close()
-                echo("generating one grid per image type ...")
-                grids = generate_grids(cfg.run_dir, site_paths, out_dir, quick=quick)
+                grids = grids_from_audit(release / "synthetic", site_paths, out_dir)
                 summary = {
                     "quick": quick,
                     "wall_seconds": round(time.time() - t0, 1),
