@@ -290,22 +290,11 @@ class AuditSupervisor(ServerSupervisor):
         self.superlink = superlink
 
     def prepare(self) -> None:
-        rd = self.run_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name in ("status.json", "progress.jsonl"):
             (self.out_dir / name).unlink(missing_ok=True)
         atomic_write_text(self.out_dir / REQUEST_NAME, self.req.model_dump_json(indent=1))
-        home = rd / "flwr-home"
-        home.mkdir(exist_ok=True)
-        from medisyn.server.supervisor import flwr_home_config
-
-        atomic_write_text(home / "config.toml", flwr_home_config(self.cfg))
-        app = rd / "app"
-        shutil.rmtree(app, ignore_errors=True)
-        app.mkdir()
-        for f in self.fab_dir.iterdir():
-            if f.is_file() and f.suffix in (".toml", ".py"):
-                shutil.copy(f, app / f.name)
+        self.write_flwr_home_and_app()
 
     def start_superlink(self, timeout: float = 90.0) -> None:
         if self.superlink is None:
@@ -323,15 +312,8 @@ class AuditSupervisor(ServerSupervisor):
         return st if st.get("attempt") == self.attempt else None
 
     def print_new_rounds(self) -> list[dict[str, Any]]:
-        p = self.out_dir / "progress.jsonl"
-        if not p.is_file():
-            return []
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-        new = [json.loads(ln) for ln in lines[self._printed:]]
-        self._printed = len(lines)
-        for rec in new:
-            self.echo(f"audit: {rec.get('message', '')}")
-        return new
+        return self.print_new_lines(self.out_dir / "progress.jsonl",
+                                    lambda rec: f"audit: {rec.get('message', '')}")
 
     def describe_submission(self) -> str:
         return (f"submitted audit run {self.run_id}: {self.req.n_per_prompt} image(s) per prompt, "

@@ -154,13 +154,19 @@ class ServerSupervisor:
         (rd / "status.json").unlink(missing_ok=True)  # written afresh by the ServerApp
         atomic_write_text(rd / "federation.resolved.json", self.cfg.model_dump_json(indent=1))
         atomic_write_text(rd / "federation.hash", self.cfg.hash() + "\n")
+        self.write_flwr_home_and_app()
+
+    def write_flwr_home_and_app(self) -> None:
+        """``RUN_DIR/flwr-home/config.toml`` (the SuperLink connection) and ``RUN_DIR/app``
+        (the thin bundle: pyproject.toml only; tests add a shim)."""
+        rd = self.run_dir
         home = rd / "flwr-home"
-        home.mkdir(exist_ok=True)
+        home.mkdir(parents=True, exist_ok=True)
         atomic_write_text(home / "config.toml", flwr_home_config(self.cfg))
         app = rd / "app"
         shutil.rmtree(app, ignore_errors=True)
         app.mkdir()
-        for f in self.fab_dir.iterdir():  # the thin bundle: pyproject.toml only (tests add a shim)
+        for f in self.fab_dir.iterdir():
             if f.is_file() and f.suffix in (".toml", ".py"):
                 shutil.copy(f, app / f.name)
 
@@ -232,16 +238,19 @@ class ServerSupervisor:
         return self.run_id
 
     # ----------------------------------------------------------------- watch
-    def print_new_rounds(self) -> list[dict[str, Any]]:
-        p = self.run_dir / "metrics.jsonl"
-        if not p.is_file():
+    def print_new_lines(self, path: Path, fmt: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+        """Echo the JSON lines appended to ``path`` since the last call."""
+        if not path.is_file():
             return []
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         new = [json.loads(ln) for ln in lines[self._printed:]]
         self._printed = len(lines)
         for rec in new:
-            self.echo(format_round(rec))
+            self.echo(fmt(rec))
         return new
+
+    def print_new_rounds(self) -> list[dict[str, Any]]:
+        return self.print_new_lines(self.run_dir / "metrics.jsonl", format_round)
 
     def run_state(self) -> str | None:
         """Flower's view of the run (``flwr ls``), e.g. ``finished:failed``."""
