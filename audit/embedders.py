@@ -77,11 +77,15 @@ class PixelEmbedder(Embedder):
     With ``shifts = m`` the view is the central (H-2m)×(W-2m) window, and a query is scored
     at every window offset up to ±m px (and mirrored with ``flip_invariant``), so a copy
     shifted by up to m px meets its source exactly aligned. Mean-centring plus L2 normalisation makes the view blind to brightness scaling.
+    With ``blur = σ`` > 0 every image (training and query) is first blurred with the audit's
+    fixed 3×3 Gaussian: pixel noise on a low-contrast image otherwise survives the area
+    downsample and pulls a noisy copy below the threshold.
     """
 
     def __init__(self, *, size: int = 16, channels: int | None = None, flip_invariant: bool = True,
-                 shifts: int = 0, name: str = "pixel"):
+                 shifts: int = 0, blur: float = 0.0, name: str = "pixel"):
         self.size = size
+        self.blur = blur
         self.channels = channels
         self.flip_invariant = flip_invariant
         self.shifts = shifts
@@ -89,13 +93,14 @@ class PixelEmbedder(Embedder):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "pixel", "size": self.size,
-                "flip_invariant": self.flip_invariant, "query_shifts_px": self.shifts}
+                "flip_invariant": self.flip_invariant, "query_shifts_px": self.shifts,
+                "blur_sigma": self.blur}
 
     def _tensor(self, images: Images) -> torch.Tensor:
         t = augment.to_tensor(images, channels=self.channels)
         if self.channels is None:
             self.channels = int(t.shape[1])
-        return t
+        return augment.blur(t, sigma=self.blur) if self.blur > 0 else t
 
     def _vec(self, t: torch.Tensor) -> np.ndarray:
         v = F.adaptive_avg_pool2d(t, self.size).reshape(t.shape[0], -1)

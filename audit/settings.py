@@ -48,6 +48,7 @@ class AuditConfig(BaseModel):
     db_blur: float = Field(default=0.8, ge=0, le=3)  # also index 3x3-blurred training views
     query_flips: bool = True  # score queries and their horizontal/vertical mirrors
     pixel_shifts: int = Field(default=2, ge=0, le=4)  # pixel view: query shifts up to ±N px
+    pixel_blur: float = Field(default=0.8, ge=0, le=3)  # pixel view: 3x3 Gaussian pre-blur (denoise)
     contrastive_proxy_weight: float = Field(default=0.0, ge=0)
     contrastive_preblur: float = Field(default=0.8, ge=0, le=3)
     # registration re-scorer (audit/registration.py): NCC over inverse crop/rotation search
@@ -139,7 +140,7 @@ def make_embedders(audit: AuditConfig, *, channels: int, cache_dir: Path | None,
     for name in audit.embedders:
         if name == "pixel":
             out.append(PixelEmbedder(channels=channels, flip_invariant=not audit.query_flips,
-                                     shifts=audit.pixel_shifts))
+                                     shifts=audit.pixel_shifts, blur=audit.pixel_blur))
         elif name == "contrastive":
             out.append(ContrastiveEmbedder(
                 channels=channels, size=audit.contrastive_size, width=audit.contrastive_width,
