@@ -327,7 +327,7 @@ class AuditSupervisor(ServerSupervisor):
 def run_audit_command(req: AuditRequest, *, echo: Callable[[str], None] = print,
                       superlink: Any = None) -> int:
     """Run the federated audit to its report; 0 gate passed, 1 gate failed, else an ExitCode."""
-    import signal
+    from medisyn.procs import sigterm_as_interrupt
 
     try:
         cfg = load_run(req.run_dir)
@@ -335,40 +335,30 @@ def run_audit_command(req: AuditRequest, *, echo: Callable[[str], None] = print,
         echo(f"error: {e}")
         return int(ExitCode.CONFIG)
     sup = AuditSupervisor(cfg, req, echo=echo, superlink=superlink)
-    previous = None
-
-    def _term(_sig, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, _term)
-    except ValueError:
-        pass
-    try:
-        sup.prepare()
-        sup.start_superlink()
-        sup.submit()
-        code = sup.watch()
-        if code != ExitCode.OK:
-            return int(code)
-        st = sup.status() or {}
-        report = Path(req.out_dir) / "release_report.json"
-        html = Path(req.out_dir) / "release_report.html"
-        echo(f"release report: {html}  (JSON: {report}; released images: {Path(req.out_dir) / 'released'})")
-        if st.get("gate"):
-            echo("release gate: PASS")
-            return 0
-        echo("release gate: FAIL")
-        for r in st.get("reasons", []):
-            echo(f"  - {r}")
-        return 1
-    except SupervisorError as e:
-        echo(f"error: {e}")
-        return int(e.code)
-    except KeyboardInterrupt:
-        echo("interrupted: stopping the audit")
-        return int(ExitCode.INTERRUPTED)
-    finally:
-        sup.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt():
+        try:
+            sup.prepare()
+            sup.start_superlink()
+            sup.submit()
+            code = sup.watch()
+            if code != ExitCode.OK:
+                return int(code)
+            st = sup.status() or {}
+            report = Path(req.out_dir) / "release_report.json"
+            html = Path(req.out_dir) / "release_report.html"
+            echo(f"release report: {html}  (JSON: {report}; released images: {Path(req.out_dir) / 'released'})")
+            if st.get("gate"):
+                echo("release gate: PASS")
+                return 0
+            echo("release gate: FAIL")
+            for r in st.get("reasons", []):
+                echo(f"  - {r}")
+            return 1
+        except SupervisorError as e:
+            echo(f"error: {e}")
+            return int(e.code)
+        except KeyboardInterrupt:
+            echo("interrupted: stopping the audit")
+            return int(ExitCode.INTERRUPTED)
+        finally:
+            sup.close()

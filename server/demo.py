@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -26,7 +25,7 @@ from medisyn.server.config import FederationConfig, ServerSuperLink, StrategyCon
 from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
 
 from medisyn.config import ModelConfig, TrainConfig, UNetConfig, VAEConfig
-from medisyn.procs import PeakRSS, free_port
+from medisyn.procs import PeakRSS, free_port, sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +158,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
     supervisors: list = []
     code = int(ExitCode.INTERNAL)
 
-    def _term(_sig, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt
-
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _term)
-    except ValueError:  # not the main thread
-        pass
-    with PeakRSS(interval=1.0) as rss:
+    with sigterm_as_interrupt(), PeakRSS(interval=1.0) as rss:
         try:
             server.prepare()
             server.start_superlink()
@@ -231,6 +222,4 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
             for s in supervisors:
                 s.stop()
             server.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
     return code

@@ -16,7 +16,6 @@ import enum
 import json
 import logging
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -29,7 +28,7 @@ from medisyn.server.checkpoint import atomic_write_text, latest_checkpoint
 from medisyn.server.config import FederationConfig
 from medisyn.server.federation import Outcome, read_status
 
-from medisyn.procs import Daemon, child_env, executable, port_open, write_pids
+from medisyn.procs import Daemon, child_env, executable, port_open, sigterm_as_interrupt, write_pids
 
 logger = logging.getLogger(__name__)
 
@@ -312,29 +311,19 @@ class ServerSupervisor:
 def run_server(cfg: FederationConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> int:
     """Run a federation to its end; returns an :class:`ExitCode`."""
     sup = ServerSupervisor(cfg, resume=resume, echo=echo)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _term(_sig, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, _term)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        sup.prepare()
-        sup.start_superlink()
-        sup.submit()
-        code = sup.watch()
-        echo(f"run directory: {sup.run_dir}  (metrics.jsonl, checkpoints/, model/, logs/)")
-        return int(code)
-    except SupervisorError as e:
-        echo(f"error: {e}")
-        return int(e.code)
-    except KeyboardInterrupt:
-        echo("interrupted: stopping the SuperLink")
-        return int(ExitCode.INTERRUPTED)
-    finally:
-        sup.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt():
+        try:
+            sup.prepare()
+            sup.start_superlink()
+            sup.submit()
+            code = sup.watch()
+            echo(f"run directory: {sup.run_dir}  (metrics.jsonl, checkpoints/, model/, logs/)")
+            return int(code)
+        except SupervisorError as e:
+            echo(f"error: {e}")
+            return int(e.code)
+        except KeyboardInterrupt:
+            echo("interrupted: stopping the SuperLink")
+            return int(ExitCode.INTERRUPTED)
+        finally:
+            sup.close()

@@ -664,3 +664,18 @@ def test_audit_needs_a_finished_run(tmp_path):
     (cfg.run_dir / "federation.resolved.json").write_text(cfg.model_dump_json())
     code = run_audit_command(AuditRequest(run_dir=cfg.run_dir, out_dir=tmp_path / "o"), echo=lines.append)
     assert code == 2 and "no final model" in lines[-1]
+
+
+def test_sigterm_as_interrupt_raises_and_restores():
+    import os
+    import signal
+
+    from medisyn.procs import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        import time
+
+        time.sleep(5)  # the handler interrupts this
+    assert signal.getsignal(signal.SIGTERM) is before
