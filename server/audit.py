@@ -41,9 +41,9 @@ from medisyn.server.config import FederationConfig, federation_from_json
 from medisyn.server.federation import (
     GlobalModel,
     Outcome,
-    frozen_for,
     read_status,
     reply_site,
+    stage_payload,
     to_record,
     wait_for_sites,
 )
@@ -200,15 +200,10 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     arrays = frozen = None
     if req.send_model:
         stage = "unet"
-        arrays = to_record(model.state(stage))
-        fz: dict[str, np.ndarray] = {}
-        for fs in frozen_for(cfg, stage):
-            fz.update({f"{fs}/{k}": v for k, v in model.state(fs).items()})
+        state, fz, extra = stage_payload(model, cfg, stage)
+        arrays = to_record(state)
         frozen = to_record(fz) if fz else None
-        config.update({"stage": stage, "seed": cfg.seed, "model-config": cfg.model.model_dump_json(),
-                       **model.extra_config(stage)})
-        if fz:
-            config["frozen-stages"] = ",".join(frozen_for(cfg, stage))
+        config.update({"stage": stage, "seed": cfg.seed, "model-config": cfg.model.model_dump_json(), **extra})
 
     def content() -> RecordDict:
         from flwr.app import Array

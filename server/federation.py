@@ -160,6 +160,20 @@ def frozen_for(cfg: FederationConfig, stage: Stage) -> list[Stage]:
     return []
 
 
+def stage_payload(model: GlobalModel, cfg: FederationConfig, stage: Stage
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """What a message for ``stage`` carries (training rounds and the audit query alike):
+    the stage's weights, the frozen weights a site needs (keys ``<stage>/<name>``; empty if
+    none), and the extra config (latent scale, ``frozen-stages``)."""
+    frozen: dict[str, np.ndarray] = {}
+    for fs in frozen_for(cfg, stage):
+        frozen.update({f"{fs}/{k}": v for k, v in model.state(fs).items()})
+    extra = model.extra_config(stage)
+    if frozen:
+        extra["frozen-stages"] = ",".join(frozen_for(cfg, stage))
+    return model.state(stage), frozen, extra
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -439,13 +453,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             status(run_dir, Outcome.NO_SITES, round=global_round - 1, message=msg)
             return Outcome.NO_SITES
         t0 = time.time()
-        current = model.state(stage)
-        frozen: dict[str, np.ndarray] = {}
-        for fs in frozen_for(cfg, stage):
-            frozen.update({f"{fs}/{k}": v for k, v in model.state(fs).items()})
-        extra = model.extra_config(stage)
-        if frozen:
-            extra["frozen-stages"] = ",".join(frozen_for(cfg, stage))
+        current, frozen, extra = stage_payload(model, cfg, stage)
         kw = dict(
             global_round=global_round, stage=stage, stage_round=stage_round,
             frozen=frozen or None, node_sites=node_sites, extra_config=extra,
