@@ -6,7 +6,9 @@ the data code load inside the handlers.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -92,14 +94,10 @@ def query(msg: Message, context: Context) -> Message:
             from medisyn.wire import IMAGES, unpack_images
 
             synthetic = unpack_images(rec[IMAGES].numpy(), str(config.get("synthetic-meta", "[]")))
-        from pathlib import Path
-
         return site_ops.query_task(site, config, arrays, frozen, synthetic=synthetic,
                                    site_path=Path(str(site_path)) if site_path else None)
 
     result = site_ops.guarded(site.site.id, secrets, run)
-    import json
-
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     metrics.setdefault("num-examples", int(result.get("n_synthetic", 0) or 0))
     content = RecordDict({
