@@ -46,11 +46,13 @@ from medisyn.server.federation import (
     stage_payload,
     to_record,
     wait_for_sites,
+    write_status,
 )
 from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
 from pydantic import BaseModel, ConfigDict, Field
 
 from medisyn.errors import ConfigError
+from medisyn.procs import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +108,7 @@ class AuditProgress:
         append_jsonl(self.path, {"time": time.time(), "message": message, **extra})
 
     def status(self, state: str, **extra: Any) -> None:
-        atomic_write_text(self.out_dir / "status.json",
-                          json.dumps({"state": state, "time": time.time(), "attempt": self.attempt, **extra},
-                                     sort_keys=True))
+        write_status(self.out_dir, state, attempt=self.attempt, **extra)
 
 
 def _query(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], timeout: float,
@@ -281,6 +281,7 @@ class AuditSupervisor(ServerSupervisor):
         super().__init__(cfg, resume=False, echo=echo, poll=poll)
         self.req = req
         self.out_dir = Path(req.out_dir)
+        self.status_dir = self.out_dir
         self._shared_superlink = superlink is not None
         self.superlink = superlink
 
@@ -299,13 +300,6 @@ class AuditSupervisor(ServerSupervisor):
         return {**super().run_config(), "mode": "audit",
                 "audit-request": str((self.out_dir / REQUEST_NAME).resolve())}
 
-    def status(self) -> dict[str, Any] | None:
-        try:
-            st = json.loads((self.out_dir / "status.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return st if st.get("attempt") == self.attempt else None
-
     def print_new_rounds(self) -> list[dict[str, Any]]:
         return self.print_new_lines(self.out_dir / "progress.jsonl",
                                     lambda rec: f"audit: {rec.get('message', '')}")
@@ -322,8 +316,6 @@ class AuditSupervisor(ServerSupervisor):
 def run_audit_command(req: AuditRequest, *, echo: Callable[[str], None] = print,
                       superlink: Any = None) -> int:
     """Run the federated audit to its report; 0 gate passed, 1 gate failed, else an ExitCode."""
-    from medisyn.procs import sigterm_as_interrupt
-
     try:
         cfg = load_run(req.run_dir)
     except ConfigError as e:

@@ -131,6 +131,7 @@ class ServerSupervisor:
         self.echo = echo
         self.poll = poll
         self.run_dir = Path(cfg.run_dir)
+        self.status_dir = self.run_dir  # where the ServerApp writes status.json
         self.superlink: Daemon | None = None
         self.run_id: str | None = None
         self.attempt = uuid.uuid4().hex[:16]  # tags the status.json of this submission
@@ -268,7 +269,7 @@ class ServerSupervisor:
 
     def status(self) -> dict[str, Any] | None:
         """This submission's status.json (a status left by an older ServerApp is ignored)."""
-        st = read_status(self.run_dir)
+        st = read_status(self.status_dir)
         return st if st is not None and st.get("attempt") == self.attempt else None
 
     def watch(self, flwr_check_every: float = 60.0) -> ExitCode:
