@@ -176,6 +176,18 @@ def enforce_policy(site: SiteConfig, config: Mapping[str, Any]) -> None:
         raise ConfigError("site policy requires DP but [privacy] dp = false")
 
 
+def _open_ledger_if_trained(site: SiteConfig, n_records: int) -> None:
+    """Open the site's ledger with the training code's own opener when the site has a
+    ledger or its marker (``LedgerError`` for a missing, corrupt or rolled-back one)."""
+    from medisyn.privacy.ledger import LEDGER_NAME, MARKER_NAME
+
+    state = Path(site.site.state_dir)
+    if (state / LEDGER_NAME).exists() or (state / MARKER_NAME).exists():
+        from medisyn.privacy.dp import open_site_ledger
+
+        open_site_ledger(state, site.site.id, site.privacy, n_records=n_records)
+
+
 def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
                frozen: np.ndarray | None, *, run_id: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the stage locally; return (weights, reportable metrics)."""
@@ -193,6 +205,10 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
                 "medisyn.train.train_local has no proximal term"
             )
     components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=False)
+    if not site.privacy.dp:
+        # Fail closed before any step: a site that has trained (ledger or marker on disk)
+        # must have a readable ledger to record these non-private steps in.
+        _open_ledger_if_trained(site, len(dataset))
     train_cfg = TrainConfig.model_validate_json(str(config["train-config"]))
     kwargs: dict[str, Any] = {}
     if float(config.get("proximal-mu", 0.0)) > 0:
@@ -203,7 +219,9 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         steps=int(config["local-steps"]),
         config=train_cfg,
         stage=stage,  # type: ignore[arg-type]
-        privacy=site.privacy if site.privacy.dp else None,
+        # Always the site's policy, DP on or off: with DP off, train_local records the
+        # steps as non-private in the site's ledger (if it has one), so ε becomes ∞.
+        privacy=site.privacy,
         ledger_path=Path(site.site.state_dir),
         site_id=site.site.id,
         run_id=run_id,
