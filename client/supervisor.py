@@ -190,6 +190,9 @@ def check_site(site_path: Path) -> tuple[int, dict[str, Any]]:
             return int(ExitCode.BUDGET), report
     report["superlink"] = {"address": site.superlink.address, "tls": not site.superlink.insecure,
                            "authenticated": site.superlink.auth_private_key is not None}
+    if site.superlink.insecure:  # the config refuses insecure outside loopback
+        report["superlink"]["warning"] = ("no TLS: allowed only because the address is loopback "
+                                          "(a [superlink] table with TLS is needed for a real federation)")
     return int(ExitCode.OK), report
 
 

@@ -189,6 +189,28 @@ class SiteSection(_Frozen):
     state_dir: Path
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost``, ``127.0.0.0/8`` and ``::1`` (brackets allowed); False for
+    wildcard binds (``0.0.0.0``, ``::``, empty) and every other name or address."""
+    import ipaddress
+
+    h = host.strip().strip("[]").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def address_host(address: str) -> str:
+    """The host part of ``host:port`` / ``[v6]:port``."""
+    a = address.strip()
+    if a.startswith("["):
+        return a[1:a.find("]")] if "]" in a else a
+    return a.rsplit(":", 1)[0] if a.count(":") == 1 else a
+
+
 class SuperLinkSection(_Frozen):
     address: str = "127.0.0.1:9092"
     insecure: bool = False
@@ -201,7 +223,16 @@ class SuperLinkSection(_Frozen):
             raise ValueError(
                 "superlink: TLS is on (insecure = false) but root_certificates is not set"
             )
+        if self.insecure and not is_loopback_host(address_host(self.address)):
+            raise ValueError(
+                f"superlink: address {self.address!r} is not loopback, so it needs TLS: "
+                "set insecure = false and root_certificates (the federation's CA)"
+            )
         return self
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback_host(address_host(self.address))
 
 
 class SiteConfig(_Frozen):

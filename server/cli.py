@@ -54,6 +54,10 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="federatio
         raise typer.Exit(int(ExitCode.CONFIG)) from None
     typer.echo(cfg.model_dump_json(indent=2))
     typer.echo(f"config hash: {cfg.hash()}  total rounds: {cfg.total_rounds}")
+    from medisyn.server.config import config_warnings
+
+    for w in config_warnings(cfg):
+        typer.echo(f"warning: {w}", err=True)
 
 
 @app.command(help=(

@@ -7,10 +7,15 @@ Example (see ``deploy/federation.toml``)::
     stages = ["vae", "unet"]
     min_sites = 3
     run_dir = "runs/fed-1"  # relative to this file
-    sites = ["breast-us", "chest-xray", "fundus"]
+    sites = ["breast-us", "chest-xray", "fundus"]   # or one [sites.<id>] table per site:
+
+    # [sites.breast-us]
+    # max_examples = 600     # FedAvg weight cap: a larger num-examples claim counts as 600
+    # public_key = "pki/site-breast-us-key.pub"   # the site's SuperNode auth key (enrolment)
 
     [strategy]
     name = "fedavg"         # fedavg | fedprox | fedadam
+    max_update_norm = 50.0  # reject any update ||w_site - w_global|| above this
 
     [model]                 # medisyn.config.ModelConfig
     resolution = 32
@@ -29,9 +34,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medisyn.config import ModelConfig, Stage, TrainConfig, config_hash, read_toml, validate
+from medisyn.config import (
+    ModelConfig,
+    Stage,
+    TrainConfig,
+    config_hash,
+    is_loopback_host,
+    read_toml,
+    validate,
+)
 from medisyn.errors import ConfigError
 
 
@@ -52,6 +67,23 @@ class StrategyConfig(_Frozen):
     # Reply checks: an update whose L2 norm exceeds this many times the round's median
     # update norm is rejected (needs at least 3 accepted replies to be meaningful).
     max_norm_ratio: float = Field(default=10.0, gt=1)
+    # Absolute bound on ||w_site - w_global|| (L2 over the stage's trainable weights), checked
+    # whatever the other replies are (the median rule cannot fire with <= 2 replies).
+    # None: no absolute bound (`medisyn-server check` warns).
+    max_update_norm: float | None = Field(default=None, gt=0)
+    # FedAvg weight cap for a site without its own [sites.<id>] max_examples.
+    # None: such a site's num-examples claim is not capped (`medisyn-server check` warns).
+    max_examples: int | None = Field(default=None, ge=1)
+
+
+class SiteEnrolment(_Frozen):
+    """What the coordinator knows about one enrolled site (``[sites.<id>]``)."""
+
+    # The most training examples this site is enrolled with: its FedAvg weight is
+    # computed from min(num-examples it claims, max_examples).
+    max_examples: int | None = Field(default=None, ge=1)
+    # The site's SuperNode authentication public key (OpenSSH ECDSA, ``*.pub``).
+    public_key: Path | None = None
 
 
 class ServerSuperLink(_Frozen):
@@ -76,6 +108,12 @@ class ServerSuperLink(_Frozen):
 
     @model_validator(mode="after")
     def _tls(self) -> ServerSuperLink:
+        if self.insecure and not is_loopback_host(self.host):
+            raise ValueError(
+                f"superlink: host {self.host!r} is not loopback, so the SuperLink needs TLS "
+                "(insecure = false, ssl_certfile, ssl_keyfile); better, keep host = \"127.0.0.1\" "
+                "and expose only /v1/fleet/* through the TLS reverse proxy"
+            )
         if not self.insecure and (self.ssl_certfile is None or self.ssl_keyfile is None):
             raise ValueError("superlink: insecure = false needs ssl_certfile and ssl_keyfile")
         if self.enable_supernode_auth and self.insecure:
@@ -107,11 +145,35 @@ class FederationConfig(_Frozen):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sites: list[str] = Field(default_factory=list)  # expected site ids; empty: accept any
+    # Per-site enrolment, written in TOML as ``[sites.<id>]`` tables (then ``sites`` is
+    # their ids); a plain ``sites = [...]`` list leaves it empty.
+    enrolment: dict[str, SiteEnrolment] = Field(default_factory=dict)
     superlink: ServerSuperLink = Field(default_factory=ServerSuperLink)
     run_dir: Path = Path("runs/medisyn")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _site_tables(cls, data: Any) -> Any:
+        """``[sites.<id>]`` tables -> ``sites`` (ids) + ``enrolment``."""
+        if isinstance(data, dict) and isinstance(data.get("sites"), dict):
+            if data.get("enrolment"):
+                raise ValueError("give either [sites.<id>] tables or an enrolment table, not both")
+            tables = data["sites"]
+            data = {**data, "sites": list(tables), "enrolment": {k: (v or {}) for k, v in tables.items()}}
+        return data
+
+    def max_examples_for(self, site: str) -> int | None:
+        """The FedAvg weight cap of ``site`` (its enrolment, else ``strategy.max_examples``)."""
+        e = self.enrolment.get(site)
+        if e is not None and e.max_examples is not None:
+            return e.max_examples
+        return self.strategy.max_examples
+
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:
+        unknown = sorted(set(self.enrolment) - set(self.sites))
+        if unknown:
+            raise ValueError(f"enrolment for {unknown}, which are not in sites {self.sites}")
         if not self.stages:
             raise ValueError("stages is empty; use e.g. [\"vae\", \"unet\"]")
         if len(set(self.stages)) != len(self.stages):
@@ -152,10 +214,53 @@ class FederationConfig(_Frozen):
 
 
 def load_federation_config(path: Path) -> FederationConfig:
-    """Load ``federation.toml``; relative paths (run_dir, TLS files) resolve against its folder."""
+    """Load ``federation.toml``; relative paths (run_dir, TLS files, site keys) resolve
+    against its folder, and every TLS / key file it names must exist."""
     path = Path(path)
     cfg: FederationConfig = validate(FederationConfig, read_toml(path), str(path))
-    return resolve_paths(cfg, path.parent.resolve())
+    cfg = resolve_paths(cfg, path.parent.resolve())
+    missing = missing_files(cfg)
+    if missing:
+        raise ConfigError(f"{path}: " + "; ".join(missing))
+    return cfg
+
+
+def missing_files(cfg: FederationConfig) -> list[str]:
+    """One message per TLS or site-key file the config names that is not a file."""
+    sl = cfg.superlink
+    out = []
+    named = [(f"[superlink] {k}", getattr(sl, k)) for k in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certfile")]
+    named += [(f"[sites.{k}] public_key", e.public_key) for k, e in cfg.enrolment.items()]
+    for label, p in named:
+        if p is not None and not Path(p).is_file():
+            out.append(f"{label} = {p} does not exist")
+    return out
+
+
+def config_warnings(cfg: FederationConfig) -> list[str]:
+    """Settings that are valid but leave a door open (printed by ``medisyn-server check``)."""
+    sl = cfg.superlink
+    out = []
+    if sl.insecure:
+        out.append("superlink: no TLS (allowed only on loopback); a federation across "
+                   "hospitals needs TLS and enable_supernode_auth")
+    elif not sl.enable_supernode_auth:
+        out.append("superlink: enable_supernode_auth = false: any SuperNode that reaches the "
+                   "proxy may join")
+    if not is_loopback_host(sl.host):
+        out.append(f"superlink: host {sl.host!r} exposes Flower's unauthenticated Control API "
+                   "(job submission) beyond this machine; keep it on 127.0.0.1 behind the proxy")
+    if sl.enable_supernode_auth and not any(e.public_key for e in cfg.enrolment.values()):
+        out.append("superlink: enable_supernode_auth = true but no [sites.<id>] public_key: "
+                   "register site keys with `flwr supernode register` before sites connect")
+    if cfg.strategy.max_update_norm is None:
+        out.append("strategy.max_update_norm is not set: with 2 or fewer replies a round has "
+                   "no bound on a site's update")
+    uncapped = [s for s in cfg.sites if cfg.max_examples_for(s) is None]
+    if uncapped or not cfg.sites:
+        out.append("no max_examples cap for " + (f"sites {uncapped}" if cfg.sites else "any site")
+                   + ": a site's num-examples claim sets its FedAvg weight unchecked")
+    return out
 
 
 def resolve_paths(cfg: FederationConfig, base: Path) -> FederationConfig:
@@ -168,6 +273,10 @@ def resolve_paths(cfg: FederationConfig, base: Path) -> FederationConfig:
     return cfg.model_copy(
         update={
             "run_dir": r(cfg.run_dir),
+            "enrolment": {
+                k: e.model_copy(update={"public_key": r(e.public_key)})
+                for k, e in cfg.enrolment.items()
+            },
             "superlink": sl.model_copy(
                 update={
                     "ssl_certfile": r(sl.ssl_certfile),
