@@ -488,18 +488,20 @@ def site_privacy(site: SiteConfig) -> SitePrivacy:
     """
     import math
 
-    from medisyn.privacy.ledger import PrivacyLedger
+    from medisyn.privacy.ledger import open_site_ledger
 
     priv = site.privacy
-    ledger = PrivacyLedger.open(site.site.state_dir, site.site.id, priv.accountant, None,
-                                default_delta=priv.delta or 1e-5)
+    # the training code's opener: a site that trained and lost its ledger is a LedgerError
+    # (a reader: the ledger's own δ, even where [privacy] delta now differs)
+    ledger = open_site_ledger(site.site.state_dir, site.site.id, priv.model_copy(update={"delta": None}),
+                              n_records=None)
     if ledger.exists:
         eps = ledger.epsilon()
         finite = math.isfinite(eps)
         return SitePrivacy(epsilon=eps if finite else None, delta=ledger.delta,
                            max_epsilon=priv.max_epsilon, dp=bool(priv.dp and finite))
     if priv.dp:
-        return SitePrivacy(epsilon=0.0, delta=ledger.delta, max_epsilon=priv.max_epsilon, dp=True)
+        return SitePrivacy(epsilon=0.0, delta=priv.delta, max_epsilon=priv.max_epsilon, dp=True)
     return SitePrivacy(epsilon=None, delta=None, max_epsilon=priv.max_epsilon, dp=False)
 
 

@@ -183,7 +183,7 @@ def _open_ledger_if_trained(site: SiteConfig, n_records: int) -> None:
 
     state = Path(site.site.state_dir)
     if (state / LEDGER_NAME).exists() or (state / MARKER_NAME).exists():
-        from medisyn.privacy.dp import open_site_ledger
+        from medisyn.privacy.ledger import open_site_ledger
 
         open_site_ledger(state, site.site.id, site.privacy, n_records=n_records)
 

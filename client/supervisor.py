@@ -19,7 +19,7 @@ from typing import Any
 from medisyn.client.site import node_config_for
 
 from medisyn.config import SiteConfig, load_site_config
-from medisyn.errors import ConfigError, DataError, MediSynError
+from medisyn.errors import ConfigError, DataError, LedgerError, MediSynError
 from medisyn.procs import Daemon, Restarting, executable, free_port
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,13 @@ class ExitCode(enum.IntEnum):
     CONFIG = 2  # invalid site.toml (or a TLS/key file it names is missing)
     DATA = 3  # the site's data failed the check
     BUDGET = 4  # the site's privacy ledger is at or over its max_epsilon
-    INTERNAL = 5
+    LEDGER = 5  # the privacy ledger is missing, corrupt or rolled back at a site that trained
     INTERRUPTED = 130
 
 
 EXIT_HELP = (
     "Exit codes: 0 ok; 2 config error; 3 data error; 4 privacy budget exhausted; "
-    "5 internal error; 130 interrupted."
+    "5 privacy ledger missing, corrupt or rolled back; 130 interrupted."
 )
 
 
@@ -179,10 +179,10 @@ def check_site(site_path: Path) -> tuple[int, dict[str, Any]]:
         report["error"] = f"state_dir {state} is not writable: {e}"
         return int(ExitCode.CONFIG), report
     try:
-        spent = ledger_epsilon(site)
-    except MediSynError as e:  # LedgerError: missing/corrupt ledger at a site that trained
-        report["error"] = str(e)
-        return int(getattr(e, "exit_code", ExitCode.INTERNAL)), report
+        spent = ledger_epsilon(site, n_records=train)
+    except LedgerError as e:  # missing/corrupt/rolled-back ledger at a site that trained
+        report["error"] = f"privacy ledger: {e}"
+        return int(ExitCode.LEDGER), report
     if spent is not None:
         report["policy"]["spent_epsilon"] = spent
         if spent >= p.max_epsilon:
@@ -196,14 +196,13 @@ def check_site(site_path: Path) -> tuple[int, dict[str, Any]]:
     return int(ExitCode.OK), report
 
 
-def ledger_epsilon(site: SiteConfig) -> float | None:
-    """ε spent so far according to the site's on-disk privacy ledger (None: never trained with DP)."""
-    from medisyn.privacy.ledger import ledger_path
+def ledger_epsilon(site: SiteConfig, n_records: int | None = None) -> float | None:
+    """ε spent so far according to the site's on-disk privacy ledger (None: no ledger yet).
 
-    if not ledger_path(Path(site.site.state_dir)).is_file():
-        return None
-    from medisyn.privacy.ledger import PrivacyLedger
+    Opened with the training code's own opener, so a site that has trained (its marker
+    is on disk) with a missing, corrupt or rolled-back ledger is a ``LedgerError`` (exit 5).
+    """
+    from medisyn.privacy.ledger import open_site_ledger
 
-    led = PrivacyLedger.open(Path(site.site.state_dir), site.site.id, accountant=site.privacy.accountant,
-                             delta=site.privacy.delta, default_delta=1e-5)
+    led = open_site_ledger(Path(site.site.state_dir), site.site.id, site.privacy, n_records=n_records)
     return float(led.epsilon()) if led.exists else None

@@ -72,3 +72,27 @@ def test_non_dp_round_refused_when_ledger_was_deleted(tmp_path, client_app):
     (reply,) = grid.replies
     assert reply.has_error() and "LedgerError" in reply.error.reason
     assert str(tmp_path) not in reply.error.reason
+
+
+def test_client_check_opens_the_ledger_like_training(tmp_path):
+    """`medisyn-client check`: a deleted ledger whose marker says the site trained is exit
+    5 with the ledger named (as `medisyn privacy show` and training say), not ok."""
+    from typer.testing import CliRunner
+
+    from medisyn.client.cli import app as client_cli
+    from medisyn.client.supervisor import check_site
+    from medisyn.privacy.ledger import LEDGER_NAME, PrivacyLedger
+
+    site_toml = node_configs(tmp_path, sites=["fundus"], privacy={"fundus": DP})[1000]["site-config"]
+    state = tmp_path / "fundus" / "state"
+    code, report = check_site(Path(site_toml))
+    assert code == 0 and "spent_epsilon" not in report["policy"], report
+    PrivacyLedger.open(state, "fundus", "rdp", 1e-5).record_steps("unet", "r", 1, 1.0, 0.05, 200)
+    code, report = check_site(Path(site_toml))
+    assert code == 0 and 0 < report["policy"]["spent_epsilon"] < math.inf
+    (state / LEDGER_NAME).unlink()
+    code, report = check_site(Path(site_toml))
+    assert code == 5, report
+    assert "privacy ledger" in report["error"] and "missing" in report["error"] and "200" in report["error"]
+    res = CliRunner().invoke(client_cli, ["check", "--site", str(site_toml)])
+    assert res.exit_code == 5 and "privacy ledger" in res.output and "ok" not in res.output.split()

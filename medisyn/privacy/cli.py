@@ -16,7 +16,7 @@ import typer
 
 from medisyn.config import load_site_config
 from medisyn.errors import MediSynError
-from medisyn.privacy.ledger import PrivacyLedger
+from medisyn.privacy.ledger import PrivacyLedger, open_site_ledger
 
 app = typer.Typer(
     help="Sample-level differential privacy: the site's ledger.", no_args_is_help=True
@@ -85,9 +85,11 @@ def build_report(
 ) -> dict[str, Any]:
     cfg = load_site_config(site_toml)
     priv = cfg.privacy
-    ledger = PrivacyLedger.open(
-        cfg.site.state_dir, cfg.site.id, priv.accountant, None, default_delta=priv.delta or 1e-5
-    )
+    # the training code's opener (δ rule, marker check); the ledger's own δ when it exists
+    ledger = open_site_ledger(cfg.site.state_dir, cfg.site.id, priv.model_copy(update={"delta": None}),
+                              n_records=None)
+    if not ledger.exists and priv.delta is not None:
+        ledger.delta = priv.delta
     eps = ledger.epsilon()
     plan = current_plan(ledger)
     if plan is not None or sigma is not None:
@@ -127,7 +129,9 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"site {r['site_id']}   ledger {r['ledger']}"
         + ("" if r["exists"] else "  (no DP steps yet)"),
-        f"accountant {r['accountant']}   δ = {r['delta']:.3g}   DP {'on' if r['dp'] else 'off'}",
+        f"accountant {r['accountant']}   δ = "
+        + (f"{r['delta']:.3g}" if r["delta"] is not None else "not pinned yet (the first DP step pins min(1e-5, 1/(10 N)))")
+        + f"   DP {'on' if r['dp'] else 'off'}",
         "",
     ]
     if r["runs"]:
@@ -158,7 +162,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("plan: unknown (no rounds recorded; give --sigma --sample-rate --steps)")
     if r["max_rounds"] is not None:
         lines.append(f"site policy max_rounds: {r['max_rounds']}")
-    if r["configured_delta"] is not None and r["configured_delta"] != r["delta"]:
+    if r["configured_delta"] is not None and r["delta"] is not None and r["configured_delta"] != r["delta"]:
         lines.append(
             f"WARNING: [privacy] delta = {r['configured_delta']:g} differs from the ledger's "
             f"δ = {r['delta']:g}; training will refuse until they agree"

@@ -52,8 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from medisyn.config import PrivacyConfig
 from medisyn.errors import ConfigError, DataError, PrivacyBudgetError
-from medisyn.privacy.accounting import default_delta, derive_noise_multiplier
-from medisyn.privacy.ledger import PrivacyLedger
+from medisyn.privacy.accounting import derive_noise_multiplier
+from medisyn.privacy.ledger import PrivacyLedger, open_site_ledger  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -138,26 +138,6 @@ def resolve_noise_multiplier(
         sample_rate=sample_rate,
         steps=privacy.planned_rounds * planned_steps,
         kind=privacy.accountant,
-    )
-
-
-def open_site_ledger(
-    state_dir: os.PathLike[str] | str,
-    site_id: str,
-    privacy: PrivacyConfig,
-    *,
-    n_records: int,
-) -> PrivacyLedger:
-    """Open the site's ledger with the site's accountant and δ (``[privacy] delta``, or
-    :func:`default_delta` of the site's record count for a new ledger)."""
-    from pathlib import Path
-
-    return PrivacyLedger.open(
-        Path(state_dir),
-        site_id,
-        privacy.accountant,
-        privacy.delta,
-        default_delta=default_delta(n_records),
     )
 
 

@@ -119,7 +119,7 @@ class PrivacyLedger:
         *,
         site_id: str,
         accountant: str,
-        delta: float,
+        delta: float | None,
         entries: list[LedgerEntry],
         created: str,
         exists: bool,
@@ -185,15 +185,15 @@ class PrivacyLedger:
             if not create:
                 raise LedgerError(f"{path}: no privacy ledger (site {site_id!r} has not trained)")
             d = delta if delta is not None else default_delta
-            if d is None:
-                raise LedgerError("a new privacy ledger needs delta (or default_delta)")
-            if not 0 < d < 1:
+            # d is None: a reader that does not know the site's record count; the ledger
+            # has no steps (ε = 0 at any δ) and δ is pinned by the first write.
+            if d is not None and not 0 < d < 1:
                 raise LedgerError(f"delta must be in (0, 1), got {d}")
             return cls(
                 state_dir,
                 site_id=site_id,
                 accountant=accountant,
-                delta=float(d),
+                delta=None if d is None else float(d),
                 entries=[],
                 created=_now(),
                 exists=False,
@@ -254,11 +254,21 @@ class PrivacyLedger:
 
     def epsilon(self, accountant: str | None = None) -> float:
         """Cumulative ε at the ledger's δ over every recorded step."""
-        return epsilon(self.history(), self.delta, accountant or self.accountant)
+        if not self._entries:
+            return 0.0
+        return epsilon(self.history(), self._pinned_delta(), accountant or self.accountant)
 
     def epsilon_after(self, sigma: float, q: float, steps: int) -> float:
         """ε if ``steps`` more steps at (σ, q) were taken now (a dry run)."""
-        return epsilon([*self.history(), (sigma, q, steps)], self.delta, self.accountant)
+        return epsilon([*self.history(), (sigma, q, steps)], self._pinned_delta(), self.accountant)
+
+    def _pinned_delta(self) -> float:
+        if self.delta is None:
+            raise LedgerError(
+                f"{self.path}: δ is not pinned yet; open the ledger with the site's record count "
+                "(medisyn.privacy.ledger.open_site_ledger(..., n_records=N))"
+            )
+        return self.delta
 
     def would_exceed(
         self, sigma: float, q: float, steps: int, max_epsilon: float
@@ -297,7 +307,7 @@ class PrivacyLedger:
                     "q": sorted({e.q for e in es}),
                     # ε of this run alone (as if nothing else had been spent)
                     "epsilon_alone": _json_float(
-                        epsilon([(e.sigma, e.q, e.steps) for e in es], self.delta, self.accountant)
+                        epsilon([(e.sigma, e.q, e.steps) for e in es], self._pinned_delta(), self.accountant)
                     ),
                 }
             )
@@ -310,7 +320,7 @@ class PrivacyLedger:
             "stages": {
                 s: {
                     "steps": sum(h[2] for h in hist),
-                    "epsilon_alone": _json_float(epsilon(hist, self.delta, self.accountant)),
+                    "epsilon_alone": _json_float(epsilon(hist, self._pinned_delta(), self.accountant)),
                 }
                 for s, hist in per_stage.items()
             },
@@ -337,6 +347,7 @@ class PrivacyLedger:
         _check_entry_values(float(sigma), float(q), int(steps))
         if steps == 0:
             return
+        self._pinned_delta()
         new = LedgerEntry(
             stage=str(stage),
             run_id=str(run_id),
@@ -421,6 +432,36 @@ class PrivacyLedger:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def open_site_ledger(
+    state_dir: os.PathLike[str] | str,
+    site_id: str,
+    privacy: Any,
+    *,
+    n_records: int | None,
+) -> PrivacyLedger:
+    """Open a site's ledger: the one opener for training, the ClientApp, ``medisyn-client
+    check``, ``medisyn privacy show`` and the audit.
+
+    ``privacy``: the site's :class:`~medisyn.config.PrivacyConfig` (accountant, δ).
+    The one δ rule: an existing ledger keeps the δ it was started with (a different
+    explicit ``[privacy] delta`` is a :class:`LedgerError`); a new ledger pins
+    ``[privacy] delta``, else :func:`~medisyn.privacy.accounting.default_delta` of
+    ``n_records`` (the site's training records). ``n_records=None`` is for readers that do
+    not know N: a ledger not yet written then has no δ (``delta is None``; ε = 0) and
+    cannot record steps. Raises :class:`LedgerError` when the site has trained (marker
+    present) and its ledger is missing, corrupt or rolled back.
+    """
+    from medisyn.privacy.accounting import default_delta
+
+    return PrivacyLedger.open(
+        Path(state_dir),
+        site_id,
+        privacy.accountant,
+        privacy.delta,
+        default_delta=None if n_records is None else default_delta(n_records),
+    )
 
 
 def _json_float(x: float) -> float | str:
