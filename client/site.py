@@ -118,6 +118,7 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
                 frozen: np.ndarray | None):
     """Build the model the server describes (``model-config``) and load the weights it sent."""
     import torch
+    from medisyn.client.policy import SitePolicy
 
     from medisyn.config import ModelConfig
     from medisyn.models import (
@@ -127,9 +128,12 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
         trainable_state,
     )
 
+    policy = SitePolicy(site)
+    policy.check_model_size(_message_parameters(arrays, frozen))
     model_cfg = ModelConfig.model_validate_json(str(config["model-config"]))
     stage = str(config["stage"])
     components = build_components(model_cfg, seed=int(config.get("seed", 0)))
+    policy.check_model_size(sum(p.numel() for m in (components.unet, components.vae) for p in m.parameters()))
 
     def layout(stages: list[str]) -> list[tuple[str, tuple[int, ...]]]:
         shapes = {f"{fs}/{k}": tuple(v.shape) for fs in stages for k, v in trainable_state(components, fs).items()}  # type: ignore[arg-type]
@@ -165,15 +169,25 @@ def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndar
     return components, dataset, stage
 
 
-def enforce_policy(site: SiteConfig, config: Mapping[str, Any]) -> None:
-    """The site's policy beats anything the server asks."""
-    rnd = int(config.get("round", 0))
-    if site.privacy.max_rounds is not None and rnd > site.privacy.max_rounds:
-        raise PrivacyBudgetError(
-            f"round {rnd} exceeds the site's max_rounds = {site.privacy.max_rounds}"
-        )
-    if site.privacy.require_dp and not site.privacy.dp:
-        raise ConfigError("site policy requires DP but [privacy] dp = false")
+def enforce_policy(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None = None,
+                   frozen: np.ndarray | None = None) -> None:
+    """The site's policy beats anything the server asks (``medisyn.client.policy``):
+    checked against the site's own counters and counted before any site data is read.
+    The message's ``round`` is a label only."""
+    from medisyn.client.policy import SitePolicy
+
+    SitePolicy(site).admit_train(local_steps=int(config.get("local-steps", 0)),
+                                 n_parameters=_message_parameters(arrays, frozen))
+
+
+def _message_parameters(*arrays: np.ndarray | None) -> int:
+    return sum(int(a.size) for a in arrays if a is not None)
+
+
+def _model_hash(config: Mapping[str, Any], arrays: np.ndarray | None, frozen: np.ndarray | None) -> str:
+    from medisyn.client.policy import model_fingerprint
+
+    return model_fingerprint(config, arrays, frozen)
 
 
 def _open_ledger_if_trained(site: SiteConfig, n_records: int) -> None:
@@ -195,7 +209,7 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     from medisyn.train import train_local
 
     t0 = time.perf_counter()
-    enforce_policy(site, config)
+    enforce_policy(site, config, arrays, frozen)
     if float(config.get("proximal-mu", 0.0)) > 0:
         import inspect
 
@@ -238,8 +252,11 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
 
 def evaluate_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
                   frozen: np.ndarray | None) -> dict[str, float]:
+    from medisyn.client.policy import SitePolicy
+
     from medisyn.train import evaluate_loss
 
+    SitePolicy(site).admit_query("evaluate", _model_hash(config, arrays, frozen))
     components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=True)
     loss = evaluate_loss(components, dataset, stage=stage, seed=int(config.get("seed", 0)))  # type: ignore[arg-type]
     return {"loss": float(loss), "num-examples": int(len(dataset))}
@@ -282,6 +299,12 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
 
     if synthetic is None:
         raise ConfigError("the copy-detection query carries no synthetic images")
+    from medisyn.client.policy import SitePolicy
+
+    # budgeted per model: the weights sent, or (without them) the model hash the server names
+    fingerprint = (_model_hash(config, arrays, frozen) if arrays is not None
+                   else "unverified:" + str(config.get("model_hash", "")))
+    SitePolicy(site).admit_query("copy-detection", fingerprint)
     components = None
     if arrays is not None and "model-config" in config:
         components, _, _ = _components(site, config, arrays, frozen)

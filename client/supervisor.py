@@ -180,9 +180,16 @@ def check_site(site_path: Path) -> tuple[int, dict[str, Any]]:
         return int(ExitCode.CONFIG), report
     try:
         spent = ledger_epsilon(site, n_records=train)
+        # the limits and the site's own counts, as every task sees them (client/policy.py)
+        from medisyn.client.policy import SitePolicy
+
+        report["policy"].update(SitePolicy(site).describe())
     except LedgerError as e:  # missing/corrupt/rolled-back ledger at a site that trained
         report["error"] = f"privacy ledger: {e}"
         return int(ExitCode.LEDGER), report
+    except MediSynError as e:  # an unreadable policy counter file
+        report["error"] = str(e)
+        return int(getattr(e, "exit_code", ExitCode.LEDGER)), report
     if spent is not None:
         report["policy"]["spent_epsilon"] = spent
         if spent >= p.max_epsilon:

@@ -161,9 +161,15 @@ class PrivacyConfig(_Frozen):
     target_epsilon: float | None = Field(default=None, gt=0)
     planned_rounds: int | None = Field(default=None, ge=1)
     accountant: Literal["prv", "rdp"] = "prv"
-    # Site policy: enforced by the site whatever the server asks.
+    # Site policy (medisyn.client.policy.SitePolicy): enforced by the site from its own
+    # state (a counter in state_dir, floored by the ledger), whatever the server asks.
     require_dp: bool = False
-    max_rounds: int | None = Field(default=None, ge=1)
+    max_rounds: int | None = Field(default=None, ge=1)  # training rounds answered, in total
+    max_local_steps: int | None = Field(default=None, ge=1)  # local steps per round
+    max_total_steps: int | None = Field(default=None, ge=1)  # local steps over all rounds
+    max_model_parameters: int | None = Field(default=2_000_000_000, ge=1)
+    max_queries_per_model: int | None = Field(default=3, ge=1)  # evaluate / audit, per model hash
+    audit_min_group: int = Field(default=20, ge=1)  # k: audit group statistics need >= k images
     allowed_audits: list[str] = Field(default_factory=lambda: ["copy-detection", "membership"])
 
     @model_validator(mode="after")

@@ -96,3 +96,105 @@ def test_client_check_opens_the_ledger_like_training(tmp_path):
     assert "privacy ledger" in report["error"] and "missing" in report["error"] and "200" in report["error"]
     res = CliRunner().invoke(client_cli, ["check", "--site", str(site_toml)])
     assert res.exit_code == 5 and "privacy ledger" in res.output and "ok" not in res.output.split()
+
+
+# --------------------------------------------------------------------------- SitePolicy
+
+
+def _site(tmp_path: Path, privacy: str = "", site_id: str = "fundus"):
+    from medisyn.client.site import site_from_node_config
+
+    nodes = node_configs(tmp_path, sites=[site_id], privacy={site_id: privacy})
+    return site_from_node_config(nodes[1000]), nodes
+
+
+def test_max_rounds_counts_the_sites_own_rounds_not_the_message_round(tmp_path, client_app):
+    """Three runs of one round each: every message says round 1. The site counts its own
+    rounds and refuses the third (max_rounds = 2) as a budget refusal."""
+    import json
+
+    from medisyn.client.policy import COUNTERS_NAME
+
+    _, nodes = _site(tmp_path, "[privacy]\nmax_rounds = 2\n")
+    outcomes = []
+    for i in range(3):
+        cfg = fed_cfg(tmp_path / f"r{i}", sites=["fundus"], stages=["unet"], local_steps=1)
+        grid = LocalGrid(nodes, client_app)
+        outcomes.append(fed.run_federation(grid, cfg))
+    assert outcomes == [fed.Outcome.DONE, fed.Outcome.DONE, fed.Outcome.BUDGET]
+    (reply,) = grid.replies
+    assert "PrivacyBudgetError" in reply.error.reason and "max_rounds = 2" in reply.error.reason
+    counts = json.loads((tmp_path / "fundus" / "state" / COUNTERS_NAME).read_text())
+    assert counts["rounds"] == 2 and counts["steps"] == 2
+
+
+def test_policy_limits_refuse_with_the_limit_named(tmp_path, client_app):
+    """Local steps per round and model size, through a federated round."""
+    _, nodes = _site(tmp_path, "[privacy]\nmax_local_steps = 1\n")
+    cfg = fed_cfg(tmp_path / "r", sites=["fundus"], stages=["unet"], local_steps=2)
+    grid = LocalGrid(nodes, client_app)
+    fed.run_federation(grid, cfg)
+    (reply,) = grid.replies
+    assert "PolicyRefused" in reply.error.reason and "max_local_steps = 1" in reply.error.reason
+
+    _, nodes = _site(tmp_path / "b", "[privacy]\nmax_model_parameters = 1000\n")
+    grid = LocalGrid(nodes, client_app)
+    fed.run_federation(grid, fed_cfg(tmp_path / "b" / "r", sites=["fundus"], stages=["unet"], local_steps=1))
+    (reply,) = grid.replies
+    assert "PolicyRefused" in reply.error.reason and "max_model_parameters = 1,000" in reply.error.reason
+
+
+def test_policy_counters_total_steps_queries_and_fail_closed(tmp_path):
+    """Unit: total steps, the per-model query budget, the ledger floor, a corrupt file."""
+    from medisyn.client.policy import COUNTERS_NAME, CountersError, PolicyRefused, SitePolicy
+
+    from medisyn.errors import PrivacyBudgetError
+    from medisyn.privacy.ledger import PrivacyLedger
+
+    site, _ = _site(tmp_path, "[privacy]\nmax_total_steps = 5\nmax_queries_per_model = 2\n")
+    pol = SitePolicy(site)
+    pol.admit_train(local_steps=3, n_parameters=10)
+    with pytest.raises(PrivacyBudgetError, match="max_total_steps = 5"):
+        pol.admit_train(local_steps=3, n_parameters=10)
+    assert pol.counters().steps == 3 and pol.counters().rounds == 1
+    assert pol.admit_query("evaluate", "abc") == 1 and pol.admit_query("evaluate", "abc") == 2
+    with pytest.raises(PolicyRefused, match="max_queries_per_model = 2"):
+        pol.admit_query("evaluate", "abc")
+    assert pol.admit_query("copy-detection", "abc") == 1 and pol.admit_query("evaluate", "def") == 1
+    # deleting the counter file does not reset what the ledger proves
+    state = Path(site.site.state_dir)
+    PrivacyLedger.open(state, "fundus", "prv", 1e-5).record_steps("unet", "r", 1, 1.0, 0.1, 4)
+    (state / COUNTERS_NAME).unlink()
+    assert pol.counters().steps == 4 and pol.counters().rounds == 1
+    with pytest.raises(PrivacyBudgetError):
+        pol.admit_train(local_steps=2, n_parameters=10)
+    (state / COUNTERS_NAME).write_text("{not json")
+    with pytest.raises(CountersError, match="restore the file"):
+        pol.admit_train(local_steps=1, n_parameters=10)
+    assert pol.delta(1000) == 1e-5 and pol.delta(1_000_000) == pytest.approx(1e-7)
+
+
+def test_evaluate_budget_per_model_through_the_clientapp(tmp_path, client_app):
+    """The same model evaluated past the site's budget is refused; a new model is not."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from medisyn.server.federation import GlobalModel, stage_payload, to_record
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    _, nodes = _site(tmp_path, "[privacy]\nmax_queries_per_model = 1\n")
+    cfg = fed_cfg(tmp_path / "r", sites=["fundus"], stages=["unet"])
+    ctx = Context(run_id=1, node_id=5, node_config=nodes[1000], state=RecordDict(), run_config={})
+
+    def ask(seed: int):
+        model = GlobalModel(cfg.model, seed=seed)
+        state, frozen, extra = stage_payload(model, cfg, "unet")
+        content = RecordDict({"config": ConfigRecord({"stage": "unet", "round": 1, "seed": 0,
+                                                      "model-config": cfg.model.model_dump_json(), **extra}),
+                              "arrays": to_record(state)})
+        return client_app(Message(content=content, message_type="evaluate", dst_node_id=5, group_id=""), ctx)
+
+    assert not ask(0).has_error()
+    with pytest.raises(Exception, match="max_queries_per_model = 1"):
+        ask(0)
+    assert not ask(1).has_error()
