@@ -29,7 +29,8 @@ def _inputs(msg: Message):
 
 
 def _reply(msg: Message, site_id: str, metrics: dict, arrays: dict | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id})})
+    token = msg.content.config_records.get("config", ConfigRecord()).get("reply-token")  # echoed: binds the reply to its run and round
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id, **({"reply-token": str(token)} if token else {})})})
     if arrays is not None:
         content["arrays"] = ArrayRecord({site_ops.PACKED: _array(site_ops.pack(arrays))})
     return Message(content=content, reply_to=msg)

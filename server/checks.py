@@ -1,17 +1,27 @@
 """Checks on every site reply before it is aggregated (plain numpy; no Flower).
 
-A reply is rejected (and counted as a failure; the round goes on) when its weights
-have other keys or shapes than the global model, hold a non-finite value, its
-``num-examples`` is not a positive number, it comes from a site not in the expected
-list, or its update norm ``||w_site - w_global||`` is more than ``max_norm_ratio`` times
-the median update norm of the round's otherwise valid replies.
+A reply is rejected (and counted as a failure; the round goes on) when it does not
+echo the round's reply token (it is not bound to this run and round: a replay, or a
+reply from an older run), its weights have other keys or shapes than the global model
+or hold a non-finite value, its ``num-examples`` is not a positive number, it comes
+from a site not in the expected list, two replies claim the same site (both are
+rejected: the first one is not trusted more than the second), its update norm
+``||w_site - w_global||`` is above the absolute bound ``max_update_norm``, or above
+``max_norm_ratio`` times the median update norm of the round's otherwise valid replies.
+
+An accepted reply's FedAvg weight is ``min(num-examples, the site's max_examples)``
+(:attr:`Verdict.weights`), so no claim buys more weight than the site is enrolled
+with. With every accepted update inside the norm bound ``B``, a FedAvg aggregate is a
+convex combination of them: it moves at most ``B`` from the global model, and one
+site of capped weight ``w`` moves it at most ``w * (B + ||rest - global||)`` from the
+aggregate of the others (``tests/test_aggregation_bounds.py`` checks this).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +36,7 @@ class Candidate:
     site: str
     arrays: Mapping[str, np.ndarray]
     metrics: Mapping[str, float | int]
+    token: str | None = None  # the reply token the site echoed (see federation.reply_token)
 
 
 @dataclass
@@ -33,6 +44,9 @@ class Verdict:
     accepted: list[Candidate] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (site, reason)
     update_norms: dict[str, float] = field(default_factory=dict)
+    # FedAvg weight of each accepted site: num-examples capped by its max_examples
+    weights: dict[str, float] = field(default_factory=dict)
+    capped: dict[str, tuple[float, int]] = field(default_factory=dict)  # site -> (claimed, cap)
 
 
 def structural_problem(
@@ -70,24 +84,37 @@ def check_replies(
     *,
     expected_sites: Sequence[str] = (),
     max_norm_ratio: float = 10.0,
+    max_update_norm: float | None = None,
+    max_examples: Callable[[str], int | None] | Mapping[str, int] | None = None,
+    expected_token: str | None = None,
 ) -> Verdict:
-    """Split replies into accepted and rejected (with a reason per rejected site)."""
+    """Split replies into accepted and rejected (with a reason per rejected site).
+
+    ``max_examples``: a site's cap on the weight its ``num-examples`` claim buys (a
+    mapping or a function of the site id; None / absent: uncapped). ``expected_token``:
+    the round's reply token every reply must echo (None: not checked).
+    """
     verdict = Verdict()
     survivors: list[Candidate] = []
-    seen: set[str] = set()
+    claims: dict[str, int] = {}
+    for c in candidates:
+        claims[c.site] = claims.get(c.site, 0) + 1
     for c in candidates:
         reason = None
-        if expected_sites and c.site not in expected_sites:
+        if expected_token is not None and c.token != expected_token:
+            reason = ("reply is not bound to this run and round (reply token missing or "
+                      "different: a replayed or stale reply)")
+        elif expected_sites and c.site not in expected_sites:
             reason = f"site {c.site!r} is not in the federation's expected sites"
-        elif c.site in seen:
-            reason = f"site {c.site!r} answered twice in one round (two nodes claim this id)"
+        elif claims[c.site] > 1:
+            reason = (f"{claims[c.site]} replies claim site {c.site!r} in one round "
+                      "(two nodes claim this id): all of them are rejected")
         else:
             n = c.metrics.get("num-examples")
             if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
                 reason = f"num-examples must be a positive number, got {n!r}"
             else:
                 reason = structural_problem(c.arrays, reference)
-        seen.add(c.site)
         if reason is None:
             bad_metric = next(
                 (k for k, v in c.metrics.items() if isinstance(v, float) and not math.isfinite(v)),
@@ -102,7 +129,17 @@ def check_replies(
 
     norms = {c.site: update_norm(c.arrays, reference) for c in survivors}
     verdict.update_norms = norms
-    median = float(np.median(list(norms.values()))) if norms else 0.0
+    if max_update_norm is not None:
+        bounded = []
+        for c in survivors:
+            if norms[c.site] > max_update_norm:
+                verdict.rejected.append(
+                    (c.site, f"update norm {norms[c.site]:.4g} is above max_update_norm {max_update_norm:g}")
+                )
+            else:
+                bounded.append(c)
+        survivors = bounded
+    median = float(np.median([norms[c.site] for c in survivors])) if survivors else 0.0
     for c in survivors:
         norm = norms[c.site]
         if median > 0 and norm > max_norm_ratio * median:
@@ -115,6 +152,31 @@ def check_replies(
             )
         else:
             verdict.accepted.append(c)
+            claimed = float(c.metrics["num-examples"])
+            cap = _cap(max_examples, c.site)
+            verdict.weights[c.site] = claimed if cap is None else min(claimed, float(cap))
+            if cap is not None and claimed > cap:
+                verdict.capped[c.site] = (claimed, cap)
+                logger.warning("site %s claims num-examples %.6g; weighted as its max_examples %d",
+                               c.site, claimed, cap)
     for site, reason in verdict.rejected:
         logger.warning("rejected reply from site %s: %s", site, reason)
     return verdict
+
+
+def _cap(max_examples: Callable[[str], int | None] | Mapping[str, int] | None, site: str) -> int | None:
+    if max_examples is None:
+        return None
+    if callable(max_examples):
+        return max_examples(site)
+    return max_examples.get(site)
+
+
+def non_finite_problem(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Why an aggregate may not become the global model (non-finite values), or None."""
+    bad = {k: int(np.size(a) - np.count_nonzero(np.isfinite(a))) for k, a in arrays.items()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        first = sorted(bad)[0]
+        return f"the aggregate has {sum(bad.values())} non-finite values (first in {first!r})"
+    return None

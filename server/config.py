@@ -32,9 +32,7 @@ Example (see ``deploy/federation.toml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

@@ -10,10 +10,11 @@ Message contract (server -> site), content of a ``train`` / ``evaluate`` message
   (the federated VAE in stage ``unet`` of the tiny preset); absent otherwise
 - ``config``: ConfigRecord with ``stage``, ``round`` (global), ``server-round`` (within
   the stage), ``local-steps``, ``seed``, ``model-config`` / ``train-config`` (JSON),
-  and ``proximal-mu`` under FedProx.
+  ``reply-token`` (train: run id, round and a fresh nonce), and ``proximal-mu`` under FedProx.
 
 Reply (site -> server): exactly one ArrayRecord (train only) and one MetricRecord with
-``num-examples``, plus a ConfigRecord ``site`` holding ``site-id``.
+``num-examples``, plus a ConfigRecord ``site`` holding ``site-id`` and the echoed
+``reply-token`` (a train reply without the round's token is rejected).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from medisyn.server.checkpoint import (
     Checkpoint,
@@ -41,7 +42,7 @@ from medisyn.server.checkpoint import (
 )
 from medisyn.server.checks import Candidate, check_replies
 from medisyn.server.config import FederationConfig
-from medisyn.server.strategy import export_state, make_strategy, restore_state
+from medisyn.server.strategy import aggregate_checked, export_state, make_strategy, restore_state
 
 from medisyn.config import ModelConfig, Stage
 from medisyn.wire import PACKED, layout_of, pack, unpack  # noqa: F401  (re-exported)
@@ -217,6 +218,24 @@ def _metrics_of(msg: Message) -> dict[str, float | int]:
     return {k: v for k, v in records[0].items() if isinstance(v, int | float)}
 
 
+def reply_token(grid: Grid, global_round: int) -> str:
+    """``run=<id>;round=<n>;nonce=<random>``: sent in a train message's config, echoed by
+    the site; a reply with another token (an older run or round, a replay) is rejected."""
+    import secrets
+
+    try:
+        run_id = str(grid.run.run_id)
+    except Exception:  # an in-process test grid without a Run
+        run_id = "local"
+    return f"run={run_id};round={global_round};nonce={secrets.token_hex(12)}"
+
+
+def _token_of(msg: Message) -> str | None:
+    rec = msg.content.config_records.get("site")
+    tok = rec.get("reply-token") if rec is not None else None
+    return tok if isinstance(tok, str) else None
+
+
 def wait_for_sites(grid: Grid, n: int, timeout: float, poll: float = 1.0) -> int:
     """Wait until ``n`` nodes are connected; return how many are (maybe < n on timeout)."""
     deadline = time.monotonic() + timeout
@@ -236,6 +255,8 @@ class RoundResult:
     loss: float | None = None
     update_norms: dict[str, float] = field(default_factory=dict)
     send_receive_seconds: float = 0.0
+    capped: dict[str, tuple[float, int]] = field(default_factory=dict)  # site -> (claimed, cap)
+    aggregate_problem: str | None = None  # why the aggregate was refused (model unchanged)
 
 
 def train_round(
@@ -252,10 +273,12 @@ def train_round(
     extra_config: dict[str, Any] | None = None,
 ) -> RoundResult:
     """One training round: send, collect, check, aggregate (strategy), report."""
+    token = reply_token(grid, global_round)
     config = ConfigRecord(
         {
             "stage": stage,
             "round": global_round,
+            "reply-token": token,
             "local-steps": cfg.steps_for(stage),
             "seed": cfg.seed,
             "model-config": cfg.model.model_dump_json(),
@@ -302,7 +325,7 @@ def train_round(
             result.failed[site] = f"rejected: unreadable weights: {e}"
             logger.warning("rejected reply from site %s: %s", site, result.failed[site])
             continue
-        candidates.append(Candidate(site=site, arrays=site_arrays, metrics=metrics))
+        candidates.append(Candidate(site=site, arrays=site_arrays, metrics=metrics, token=_token_of(msg)))
         by_site[site] = msg
         result.accepted[site] = {
             **metrics,
@@ -315,32 +338,26 @@ def train_round(
         current,
         expected_sites=cfg.sites,
         max_norm_ratio=cfg.strategy.max_norm_ratio,
+        max_update_norm=cfg.strategy.max_update_norm,
+        max_examples=cfg.max_examples_for,
+        expected_token=token,
     )
     result.update_norms = verdict.update_norms
+    result.capped = verdict.capped
     for site, reason in verdict.rejected:
         result.failed[site] = f"rejected: {reason}"
         result.accepted.pop(site, None)
+    for site, (_claimed, cap) in verdict.capped.items():
+        result.accepted[site]["weight-examples"] = cap
 
-    good: list[Message] = []
-    for c in verdict.accepted:
-        msg = by_site[c.site]
-        # Aggregate over a uniform reply shape: the weights and the weight key only;
-        # the full per-site metrics are reported separately.
-        msg.content = RecordDict(
-            {
-                "arrays": ArrayRecord({PACKED: next(iter(msg.content.array_records.values()))[PACKED]}),
-                "metrics": MetricRecord(
-                    {"num-examples": c.metrics["num-examples"], "loss": float(c.metrics.get("loss", 0.0))}
-                ),
-            }
-        )
-        good.append(msg)
-    if good:
-        agg_arrays, agg_metrics = strategy.aggregate_train(stage_round, good)
-        if agg_arrays is not None:
-            result.new_state = unpack(np.asarray(agg_arrays[PACKED].numpy(), dtype=np.float32), layout)
-        if agg_metrics is not None and "loss" in agg_metrics:
-            result.loss = float(agg_metrics["loss"])
+    # Aggregate over a uniform reply shape (the weights and the capped weight only); the
+    # full per-site metrics are reported separately.
+    result.new_state, result.loss, result.aggregate_problem = aggregate_checked(
+        strategy, stage_round,
+        [(by_site[c.site], next(iter(by_site[c.site].content.array_records.values())),
+          verdict.weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
+        layout,
+    )
     return result
 
 
@@ -543,6 +560,7 @@ def round_record(
         "eval_loss": eval_loss,
         "eval_failed": {k: v[:500] for k, v in eval_failed.items()},
         "update_norms": res.update_norms,
+        "aggregate_problem": res.aggregate_problem,
         "sites": sites,
         "config_hash": cfg.hash(),
     }

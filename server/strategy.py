@@ -1,12 +1,21 @@
-"""Build the Flower strategy a config asks for, and save/restore its state for resume."""
+"""Build the Flower strategy a config asks for, aggregate checked replies with it, and
+save/restore its state for resume."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from medisyn.server.checks import non_finite_problem
 from medisyn.server.config import StrategyConfig
+
+from medisyn.wire import PACKED, unpack
+
+logger = logging.getLogger(__name__)
 
 
 def make_strategy(cfg: StrategyConfig) -> FedAvg:
@@ -57,3 +66,40 @@ def restore_state(strategy: FedAvg, meta: dict[str, Any], arrays: dict[str, np.n
     for moment in ("m_t", "v_t"):
         if moment in meta:
             setattr(strategy, moment, {k: arrays[f"{moment}/{k}"] for k in meta[moment]})
+
+
+def aggregate_checked(
+    strategy: FedAvg,
+    server_round: int,
+    accepted: Sequence[tuple[Message, ArrayRecord, float, float]],
+    layout: Any,
+) -> tuple[dict[str, np.ndarray] | None, float | None, str | None]:
+    """Aggregate accepted replies ``(reply, packed ArrayRecord, weight, loss)`` with the
+    Flower strategy; return ``(new state, loss, problem)``.
+
+    Each reply's content is replaced by a uniform one: the packed weights and a
+    MetricRecord whose ``num-examples`` is the checked, capped ``weight``
+    (:attr:`medisyn.server.checks.Verdict.weights`), so the strategy never sees a claim.
+    An aggregate with a non-finite value is refused (state None, ``problem`` says why):
+    the global model stays as it was.
+    """
+    if not accepted:
+        return None, None, None
+    msgs = []
+    for msg, record, weight, loss in accepted:
+        msg.content = RecordDict({
+            "arrays": ArrayRecord({PACKED: record[PACKED]}),
+            "metrics": MetricRecord({"num-examples": float(weight), "loss": float(loss)}),
+        })
+        msgs.append(msg)
+    agg_arrays, agg_metrics = strategy.aggregate_train(server_round, msgs)
+    loss = float(agg_metrics["loss"]) if agg_metrics is not None and "loss" in agg_metrics else None
+    if agg_arrays is None:
+        return None, loss, None
+    flat = np.asarray(agg_arrays[PACKED].numpy())
+    state: Mapping[str, np.ndarray] = unpack(flat.astype(np.float32), layout)
+    problem = non_finite_problem({PACKED: flat}) or non_finite_problem(state)
+    if problem is not None:
+        logger.error("round %d: %s; the global model is not updated", server_round, problem)
+        return None, loss, problem
+    return dict(state), loss, None

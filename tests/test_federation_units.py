@@ -162,8 +162,10 @@ def assert_reply_is_clean(reply: Message, model_sizes: set[int], secrets: list[s
         for k, v in rec.items():
             assert isinstance(v, int | float), (k, v)
     for rec in content.config_records.values():
-        assert set(rec.keys()) == {"site-id"}
+        assert set(rec.keys()) <= {"site-id", "reply-token"} and "site-id" in rec
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", rec["site-id"])
+        # the echoed token is the server's own (run, round, nonce), nothing of the site
+        assert re.fullmatch(r"run=\w+;round=\d+;nonce=[0-9a-f]+", rec.get("reply-token", "run=1;round=1;nonce=0"))
 
 
 def test_federation_in_process_trains_checkpoints_and_replies_are_clean(tmp_path, client_app):

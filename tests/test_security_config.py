@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from medisyn.client.cli import app as client_cli
-from medisyn.config import is_loopback_host
 from medisyn.server.cli import app as server_cli
 from medisyn.server.config import FederationConfig, load_federation_config
+from typer.testing import CliRunner
+
+from medisyn.config import is_loopback_host
 
 DEMO = Path(__file__).resolve().parents[1] / "medisyn" / "assets" / "demo" / "breast-us" / "dataset.npz"
 
