@@ -37,6 +37,7 @@ from medisyn.server.checkpoint import (
     Checkpoint,
     append_jsonl,
     atomic_write_text,
+    fsync_tree,
     latest_checkpoint,
     write_checkpoint,
 )
@@ -45,6 +46,7 @@ from medisyn.server.config import FederationConfig
 from medisyn.server.strategy import aggregate_checked, export_state, make_strategy, restore_state
 
 from medisyn.config import ModelConfig, Stage
+from medisyn.fileio import fsync_dir
 from medisyn.wire import PACKED, layout_of, pack, unpack  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -516,8 +518,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_dir(run_dir)
     status(run_dir, Outcome.DONE, round=cfg.total_rounds, total_rounds=cfg.total_rounds, model=str(final))
     return Outcome.DONE
 
