@@ -57,6 +57,13 @@ class ViewSummary(_Model):
 
 
 class ImageTypeMetrics(_Model):
+    """One audit group: the site's own label (or the other prompts), or ``all``.
+
+    Similarity statistics (quantiles, histograms, closer-to-train) are released only for
+    at least k images (the site's ``audit_min_group``); otherwise they are empty/None and
+    ``withheld`` says why. Flag counts and flagged ids always go.
+    """
+
     image_type: str
     n_synthetic: int
     similarity_quantiles: dict[str, dict[str, float]]  # view -> {p50, p95, max, ...}
@@ -64,9 +71,10 @@ class ImageTypeMetrics(_Model):
     holdout_baseline: RateCI
     p_value_vs_baseline: float
     significantly_above_baseline: bool
-    closer_to_train: RateCI  # share of synthetic closer to train than to held-out (ideal 0.5)
+    closer_to_train: RateCI | None  # share closer to train than to held-out (ideal 0.5)
     flagged_ids: list[str]
     histograms: dict[str, Histogram] = Field(default_factory=dict)
+    withheld: str | None = None  # why statistics are withheld (in part or in full)
 
 
 class ValidationSummary(_Model):
@@ -315,7 +323,8 @@ def _site_section(a: SiteAggregate) -> list[str]:
     for m in [*a.image_types, a.overall]:
         out.append(f"<tr><td>{_e(m.image_type)}</td><td>{m.n_synthetic}</td><td>{_rate(m.flagged)}"
                    f"</td><td>{_rate(m.holdout_baseline)}</td><td>{m.p_value_vs_baseline:.4g}</td>"
-                   f"<td>{_rate(m.closer_to_train)}</td></tr>")
+                   f"<td>{_rate(m.closer_to_train) if m.closer_to_train else ''}"
+                   f"{'<br>' if m.closer_to_train and m.withheld else ''}{_e(m.withheld or '')}</td></tr>")
     out.append("</table>")
     thr = {v.name: v.threshold for v in a.views}
     out.append('<div class="histograms">')

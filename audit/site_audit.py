@@ -91,13 +91,25 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def image_type_of(prompt: str, site_image_type: str) -> str:
-    """Group a synthetic image by the image type its prompt names (site's own type when the
-    prompt contains it, else the prompt's second comma field, the caption's image type)."""
-    if site_image_type and site_image_type.lower() in prompt.lower():
-        return site_image_type
-    parts = [p.strip() for p in prompt.split(",")]
-    return parts[1] if len(parts) > 1 and parts[1] else (parts[0] or "unknown")
+OTHER_GROUP = "other prompts"
+
+
+def site_groups(prompts: Sequence[str], dataset: Any) -> list[str]:
+    """The audit group of each synthetic image, from the site's own vocabulary only.
+
+    A group is one of the site's labels (``"<image type>: <label>"``; the image type alone
+    for a dataset without labels) when the image's prompt is exactly that label's prompt
+    (:func:`medisyn.data.label_prompts`), else :data:`OTHER_GROUP`. The groups partition
+    the images, and the coordinator's prompt text never names a group, so it cannot make a
+    group of its choosing (e.g. one probe image per group).
+    """
+    from medisyn.data import label_prompts
+
+    by_prompt = {}
+    for lid, prompt in sorted(label_prompts(dataset).items()):
+        words = dataset.labels.get(lid) if lid else None
+        by_prompt.setdefault(prompt, f"{dataset.image_type}: {words}" if words else dataset.image_type)
+    return [by_prompt.get(p, OTHER_GROUP) for p in prompts]
 
 
 def load_synthetic_dir(path: Path) -> list[Synthetic]:
@@ -288,21 +300,39 @@ def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: A
                     pid = images.train_patients[orig] if has_p else None
                     at_risk.add(f"p:{pid}" if pid is not None else f"i:{orig}")
 
-    types = [image_type_of(p, images.image_type) for p in prompts]
+    types = site_groups(prompts, cfg.dataset)
+    # A group's similarity statistics leave the site only for >= k images (site policy);
+    # the images of smaller groups are left out of every released statistic ("all"
+    # included), so no difference of two statistics isolates them. Flags always count.
+    k_min = int(cfg.privacy.audit_min_group)
+    sizes = {t: types.count(t) for t in set(types)}
+    in_stats = np.array([sizes[t] >= k_min for t in types], bool)
 
     def metrics(name: str, mask: np.ndarray) -> ImageTypeMetrics:
         fl = flagged[mask]
         p = stats.fisher_greater(int(fl.sum()), int(mask.sum()), baseline.count, baseline.n)
+        sm = mask & in_stats
+        n, n_s = int(mask.sum()), int(sm.sum())
+        withheld = None
+        if n_s < k_min:
+            sm = np.zeros_like(mask)
+            withheld = (f"similarity statistics withheld: {n_s if name == 'all' else n} image(s) "
+                        f"< k = {k_min} (site policy audit_min_group); flag counts only")
+        elif n_s < n:
+            withheld = (f"similarity statistics over {n_s} of {n} images: groups of fewer than "
+                        f"k = {k_min} images left out")
+        released = bool(sm.any())
         return ImageTypeMetrics(
-            image_type=name, n_synthetic=int(mask.sum()),
-            similarity_quantiles={v.name: similarity_quantiles(syn_scores[v.name][mask, 0])
-                                  for v in views},
-            flagged=_rateci(int(fl.sum()), int(mask.sum())), holdout_baseline=baseline,
+            image_type=name, n_synthetic=n,
+            similarity_quantiles=({v.name: similarity_quantiles(syn_scores[v.name][sm, 0]) for v in views}
+                                  if released else {}),
+            flagged=_rateci(int(fl.sum()), n), holdout_baseline=baseline,
             p_value_vs_baseline=p, significantly_above_baseline=p < audit.alpha,
-            closer_to_train=_rateci(int(closer[mask].sum()), int(mask.sum())),
+            closer_to_train=_rateci(int(closer[sm].sum()), n_s) if released else None,
             flagged_ids=[ids[i] for i in np.where(mask & flagged)[0]],
-            histograms={v.name: make_histogram(syn_scores[v.name][mask, 0], hold_scores[v.name])
-                        for v in views},
+            histograms=({v.name: make_histogram(syn_scores[v.name][sm, 0], hold_scores[v.name])
+                         for v in views} if released else {}),
+            withheld=withheld,
         )
 
     per_type = [metrics(t, np.array([x == t for x in types])) for t in sorted(set(types))]
