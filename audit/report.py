@@ -240,7 +240,7 @@ def histogram_png(hist: Histogram, *, threshold: float | None = None, title: str
     d.line([left, bottom, right, bottom], fill="black")
     d.text((left, bottom + 4), f"{lo:.2f}", fill="black")
     d.text((right - 28, bottom + 4), f"{hi:.2f}", fill="black")
-    d.text((left, 2), title[:48], fill="black")
+    d.text((left, 2), title[:56], fill="black")
     if threshold is not None and lo <= threshold <= hi:
         x = left + (threshold - lo) / (hi - lo) * (right - left)
         d.line([x, top, x, bottom], fill=(200, 0, 0), width=2)
@@ -277,9 +277,26 @@ def _e(x: Any) -> str:
 
 
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "—"
     if isinstance(x, float):
-        return f"{x:.4g}"
+        return "∞" if x == float("inf") else f"{x:.4g}"
     return _e(x)
+
+
+def _eps(p: SitePrivacy) -> str:
+    """ε as a reader needs it: ∞ for a site that trained without DP, never "None"."""
+    if p.epsilon is not None and p.epsilon == float("inf"):
+        return "∞ (trained without DP)"
+    if p.epsilon is None:
+        return "∞ (trained without DP)" if p.dp is False else "not reported"
+    return f"{p.epsilon:.4g}"
+
+
+# The audit group of prompts that are not the site's own labels (medisyn.audit.site_audit
+# OTHER_GROUP): a site judging another site's image type. Its row is not shown (its
+# flags still count in the site's "all" row and are excluded from release).
+CROSS_TYPE_GROUP = "other prompts"
 
 
 def _rate(r: RateCI) -> str:
@@ -298,7 +315,7 @@ def _site_section(a: SiteAggregate) -> list[str]:
                "</th><th>flagged</th><th>patients at risk</th><th>ε</th><th>δ</th><th>ε cap</th></tr>"
                f"<tr><td>{a.n_synthetic}</td><td>{a.n_train_indexed}</td>"
                f"<td>{a.n_holdout_calibration}</td><td>{len(a.flagged_ids)}</td>"
-               f"<td>{a.patients_at_risk}</td><td>{_fmt(a.privacy.epsilon)}</td>"
+               f"<td>{a.patients_at_risk}</td><td>{_eps(a.privacy)}</td>"
                f"<td>{_fmt(a.privacy.delta)}</td><td>{_fmt(a.privacy.max_epsilon)}</td></tr></table>")
     out.append("<h3>Views and thresholds</h3><table><tr><th>view</th><th>kind</th><th>threshold"
                "</th><th>quantile</th><th>held-out n</th><th>note</th></tr>")
@@ -313,14 +330,16 @@ def _site_section(a: SiteAggregate) -> list[str]:
         for fam, r in val.detection.items():
             out.append(f"<tr><td>{_e(fam)}</td><td>{_rate(r)}</td></tr>")
         out.append(f"<tr><td>false positives</td><td>{_rate(val.false_positive)}</td></tr></table>")
-        out.append(f"<p>validated: <span class=\"{'pass' if val.validated else 'fail'}\">"
-                   f"{val.validated}</span> (targets met: {_e(val.targets_met)})</p>")
+        out.append(f"<p>validated at the site (point estimates): <span class=\"{'pass' if val.validated else 'fail'}\">"
+                   f"{val.validated}</span> (targets met: {_e(val.targets_met)}). The release gate "
+                   "fails the detector on false positives only when the interval's lower bound is "
+                   "above the target.</p>")
     else:
         out.append('<p class="fail">detector not validated</p>')
     out.append('<h3>Per image type</h3><table class="metrics"><tr><th>image type</th><th>n</th>'
                "<th>flagged [95% CI]</th><th>held-out baseline</th><th>p (one-sided Fisher)</th>"
                "<th>closer to train than held-out (ideal 0.5)</th></tr>")
-    for m in [*a.image_types, a.overall]:
+    for m in [*(t for t in a.image_types if t.image_type != CROSS_TYPE_GROUP), a.overall]:
         out.append(f"<tr><td>{_e(m.image_type)}</td><td>{m.n_synthetic}</td><td>{_rate(m.flagged)}"
                    f"</td><td>{_rate(m.holdout_baseline)}</td><td>{m.p_value_vs_baseline:.4g}</td>"
                    f"<td>{_rate(m.closer_to_train) if m.closer_to_train else ''}"
@@ -353,16 +372,27 @@ def render_release_html(report: ReleaseReport, images: Mapping[str, np.ndarray] 
     images = images or {}
     g = report.gate
     body = [f"<h1>MediSyn release report</h1><p>created {_e(report.created)} · model "
-            f"<code>{_e(report.model_hash)}</code> · config <code>{_e(report.config_hash)}</code></p>",
+            f"<code>{_fmt(report.model_hash)}</code> · config <code>{_fmt(report.config_hash)}</code></p>",
             f'<section id="gate"><h2>Release gate: <span class="{"pass" if g.passed else "fail"}">'
-            f'{"PASS" if g.passed else "FAIL"}</span></h2><ul class="reasons">']
+            f'{"PASS" if g.passed else "FAIL"}</span></h2>']
+    # the verdict and its few reasons first; every check, and then per-site detail, below
+    if g.passed:
+        body.append(f'<p class="verdict">All {len(g.checks)} checks passed.</p>')
+    else:
+        failed = [c for c in g.checks if not c.passed]
+        body.append(f'<p class="verdict">{len(failed)} of {len(g.checks)} checks failed:</p>'
+                    '<ul class="reasons">')
+        for c in failed:
+            body.append(f'<li class="fail">{_e(c.name)}: {_e(c.detail)}</li>')
+        body.append("</ul>")
+    body.append(f'<details class="checks"><summary>All {len(g.checks)} checks</summary><ul>')
     for c in g.checks:
         body.append(f'<li class="{"pass" if c.passed else "fail"}">{_e(c.name)}: {_e(c.detail)}</li>')
-    body.append("</ul></section>")
+    body.append("</ul></details></section>")
     body.append('<section id="privacy"><h2>Privacy budget per site</h2><table><tr><th>site</th>'
                 "<th>DP</th><th>ε</th><th>δ</th><th>ε cap</th></tr>")
     for sid, p in report.privacy.items():
-        body.append(f"<tr><td>{_e(sid)}</td><td>{_e(p.dp)}</td><td>{_fmt(p.epsilon)}</td>"
+        body.append(f"<tr><td>{_e(sid)}</td><td>{_fmt(p.dp)}</td><td>{_eps(p)}</td>"
                     f"<td>{_fmt(p.delta)}</td><td>{_fmt(p.max_epsilon)}</td></tr>")
     body.append("</table></section>")
     missing = [sid for sid in report.expected_sites if sid not in {a.site_id for a in report.sites}]
