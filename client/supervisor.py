@@ -7,7 +7,6 @@ path and state directory); the ClientApp reads data, state and policy from there
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import signal
@@ -20,24 +19,14 @@ from medisyn.client.site import node_config_for
 
 from medisyn.config import SiteConfig, load_site_config
 from medisyn.errors import ConfigError, DataError, LedgerError, MediSynError
+from medisyn.exitcodes import ExitCode, exit_help
 from medisyn.procs import Daemon, Restarting, executable, free_port
 
 logger = logging.getLogger(__name__)
 
 
-class ExitCode(enum.IntEnum):
-    OK = 0
-    CONFIG = 2  # invalid site.toml (or a TLS/key file it names is missing)
-    DATA = 3  # the site's data failed the check
-    BUDGET = 4  # the site's privacy ledger is at or over its max_epsilon
-    LEDGER = 5  # the privacy ledger is missing, corrupt or rolled back at a site that trained
-    INTERRUPTED = 130
-
-
-EXIT_HELP = (
-    "Exit codes: 0 ok; 2 config error; 3 data error; 4 privacy budget exhausted; "
-    "5 privacy ledger missing, corrupt or rolled back; 130 interrupted."
-)
+EXIT_HELP = exit_help(ExitCode.OK, ExitCode.CONFIG, ExitCode.DATA, ExitCode.BUDGET,
+                      ExitCode.LEDGER, ExitCode.INTERRUPTED)
 
 
 def node_config_arg(entries: Mapping[str, str]) -> str:

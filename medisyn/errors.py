@@ -8,17 +8,19 @@ Entry points print the message (no traceback unless ``--debug``) and exit with
 
 from __future__ import annotations
 
+from medisyn.exitcodes import ExitCode
+
 
 class MediSynError(Exception):
     """Base class of errors that are reported to people as one readable message."""
 
-    exit_code = 1
+    exit_code = int(ExitCode.FAILED)
 
 
 class ConfigError(MediSynError):
     """A config file or value is invalid (unknown key, wrong type, out of range)."""
 
-    exit_code = 2
+    exit_code = int(ExitCode.CONFIG)
 
 
 class DataError(MediSynError):
@@ -28,7 +30,7 @@ class DataError(MediSynError):
     can find and fix the record.
     """
 
-    exit_code = 3
+    exit_code = int(ExitCode.DATA)
 
     def __init__(self, reason: str, *, file: object | None = None, row: object | None = None):
         self.reason = reason
@@ -46,10 +48,10 @@ class DataError(MediSynError):
 class PrivacyBudgetError(MediSynError):
     """A site would exceed (or has exceeded) its declared privacy budget."""
 
-    exit_code = 4
+    exit_code = int(ExitCode.BUDGET)
 
 
 class LedgerError(MediSynError):
     """A privacy ledger is missing, corrupt or inconsistent at a site that has trained."""
 
-    exit_code = 5
+    exit_code = int(ExitCode.LEDGER)

@@ -65,7 +65,8 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="federatio
     "types from RUN_DIR/model, send them to every site in a Flower query, collect each "
     "site's shareable aggregate and write OUT/release_report.{json,html} and OUT/released/. "
     "Exit codes: 0 report written and the release gate passed; 1 report written and the "
-    "gate failed (reasons printed); 2 config error; 3 no sites; 5 internal error; 130 interrupted."))
+    "gate failed (reasons printed); 2 config error; 7 no sites; 8 internal error; 130 interrupted "
+    "(medisyn.exitcodes)."))
 def audit(
     run: Annotated[Path, typer.Option("--run", help="RUN_DIR of a finished `medisyn-server start` run")],
     n_per_prompt: Annotated[int, typer.Option("--n-per-prompt", "-k", min=1, help="Images generated per prompt.")] = 8,

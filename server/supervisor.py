@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import shutil
@@ -28,24 +27,16 @@ from medisyn.server.checkpoint import atomic_write_text, latest_checkpoint
 from medisyn.server.config import FederationConfig
 from medisyn.server.federation import Outcome, read_status
 
+from medisyn.exitcodes import ExitCode, exit_help
 from medisyn.procs import Daemon, child_env, executable, port_open, sigterm_as_interrupt, write_pids
 
 logger = logging.getLogger(__name__)
 
 
-class ExitCode(enum.IntEnum):
-    OK = 0
-    CONFIG = 2  # invalid federation.toml or run directory
-    NO_SITES = 3  # fewer than min_sites connected within site_wait_timeout
-    BUDGET = 4  # every site refused a round: privacy budget exhausted
-    INTERNAL = 5  # SuperLink/ServerApp failed (see RUN_DIR/logs)
-    INTERRUPTED = 130  # Ctrl-C / SIGTERM
-
-
-EXIT_HELP = (
-    "Exit codes: 0 finished; 2 config error; 3 no sites (fewer than min_sites connected "
-    "within site_wait_timeout); 4 privacy budget exhausted at every site; 5 internal error "
-    "(SuperLink or ServerApp failed; see RUN_DIR/logs); 130 interrupted."
+EXIT_HELP = exit_help(
+    ExitCode.OK, ExitCode.CONFIG, ExitCode.BUDGET, ExitCode.NO_SITES, ExitCode.INTERNAL,
+    ExitCode.INTERRUPTED, OK="finished", BUDGET="privacy budget exhausted at every site",
+    INTERNAL="internal error (SuperLink or ServerApp failed; see RUN_DIR/logs)",
 )
 
 OUTCOME_EXIT = {
