@@ -71,6 +71,7 @@ class AuditRefused(MediSynError):
     """The site's policy does not allow the requested audit."""
 
     exit_code = 6
+    code = "policy-refused"  # the wire code of a site's refusal (medisyn.wire)
 
 
 def _now() -> str:

@@ -16,7 +16,22 @@ from medisyn.client import site as site_ops
 
 logger = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def coded_errors(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+    """Mod: a failed site task answers with a coded error (``medisyn.wire``: code, site id,
+    sanitized message as fields), so the server never parses error text."""
+    try:
+        return call_next(msg, context)
+    except site_ops.SiteError as e:
+        from flwr.app import Error
+
+        from medisyn.wire import encode_site_error
+
+        code, reason = encode_site_error(e.code, e.site_id, str(e))
+        return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+app = ClientApp(mods=[coded_errors])
 
 
 def _inputs(msg: Message):

@@ -54,7 +54,7 @@ class CountersError(MediSynError):
     """The site's counter file is unreadable: refuse rather than reset the counts."""
 
     exit_code = 5
-    code = "ledger-error"
+    code = "ledger"
 
 
 @dataclass

@@ -42,7 +42,16 @@ REPORTED_METRICS = (
 
 
 class SiteError(MediSynError):
-    """A site failed a task; the message names the site and holds no file path."""
+    """A site failed a task; the message names the site and holds no file path.
+
+    ``code`` (a name in ``medisyn.wire.SITE_ERROR_CODES``) and ``site_id`` go to the
+    server as fields of a coded error reply (the ClientApp's ``coded_errors`` mod).
+    """
+
+    def __init__(self, message: str, *, code: str = "site-error", site_id: str = "unknown-site"):
+        super().__init__(message)
+        self.code = code
+        self.site_id = site_id
 
 
 def node_config_for(site_config_path: Path, state_dir: Path) -> dict[str, str]:
@@ -84,19 +93,36 @@ def site_secrets(site: SiteConfig | None, node_config: Mapping[str, Any]) -> tup
 
 
 def guarded(site_id: str, secrets: tuple[str, ...], fn: Callable[[], T]) -> T:
-    """Run a site task; on failure log the full error locally and raise a sanitized one.
+    """Run a site task; on failure log the full error locally and raise a sanitized
+    :class:`SiteError` with the error's code (:func:`error_code`) and the site id.
 
-    ``PrivacyBudgetError`` keeps its class (the server stops a run when every site
-    refuses for budget), with the site, the spent ε and the cap in its message.
+    A ``PrivacyBudgetError`` (code ``privacy-budget``: the server stops a run when every
+    site refuses for budget) carries the spent ε and the cap in its message.
     """
     try:
         return fn()
     except PrivacyBudgetError as e:
         logger.error("site %s: privacy budget refused the round", site_id, exc_info=e)
-        raise PrivacyBudgetError(f"site {site_id}: {redact(budget_message(e), secrets)}") from None
+        raise SiteError(f"site {site_id}: {type(e).__name__}: {redact(budget_message(e), secrets)}",
+                        code="privacy-budget", site_id=site_id) from None
     except Exception as e:
         logger.error("site %s: task failed", site_id, exc_info=e)
-        raise SiteError(f"site {site_id}: {type(e).__name__}: {redact(str(e), secrets)[:400]}") from None
+        raise SiteError(f"site {site_id}: {type(e).__name__}: {redact(str(e), secrets)[:400]}",
+                        code=error_code(e), site_id=site_id) from None
+
+
+def error_code(e: BaseException) -> str:
+    """The wire code (``medisyn.wire.SITE_ERROR_CODES``) of a site task's error."""
+    from medisyn.errors import DataError, LedgerError
+
+    code = getattr(e, "code", None)
+    if isinstance(code, str):
+        return code
+    for cls, name in ((PrivacyBudgetError, "privacy-budget"), (LedgerError, "ledger"),
+                      (PermissionError, "policy-refused"), (DataError, "data"), (ConfigError, "config")):
+        if isinstance(e, cls):
+            return name
+    return "site-error"
 
 
 def budget_message(e: PrivacyBudgetError) -> str:

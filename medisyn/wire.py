@@ -78,3 +78,51 @@ def unpack_images(array: np.ndarray, meta: str) -> list[tuple[str, np.ndarray, s
         raise ValueError("synthetic image ids are not unique")
     return [(i, (a[..., 0] if a.shape[-1] == 1 else a).copy(), str(r["prompt"]))
             for i, a, r in zip(ids, array, rows, strict=True)]
+
+
+# --------------------------------------------------------------------------- site errors
+#
+# A site that fails a task answers with a Flower ``Error`` whose ``code`` is one of
+# ``SITE_ERROR_CODES`` (1000 + the CLI exit code; Flower's own codes are < 100) and whose
+# ``reason`` is JSON ``{"code": <name>, "site-id": <id>, "message": <text>}``: the server
+# reads the code and the site from the fields, never from the text. The message is
+# sanitized at the site (no file path). Errors Flower makes itself (a crashed app, an
+# unreachable node) keep Flower's codes and free-text reasons.
+
+SITE_ERROR_CODES: dict[str, int] = {
+    "site-error": 1001,  # anything else that failed the task
+    "config": 1002,  # ConfigError: the site's config or the message's settings
+    "data": 1003,  # DataError: the site's data
+    "privacy-budget": 1004,  # PrivacyBudgetError: ε cap, max_rounds, max_total_steps
+    "ledger": 1005,  # LedgerError: ledger or policy counters missing/corrupt/rolled back
+    "policy-refused": 1006,  # the site's policy refuses the task (limits, audits, budgets)
+}
+
+
+def encode_site_error(code: str, site_id: str, message: str) -> tuple[int, str]:
+    """(Flower error code, reason) for a site's failed task."""
+    import json
+
+    if code not in SITE_ERROR_CODES:
+        code = "site-error"
+    return SITE_ERROR_CODES[code], json.dumps({"code": code, "site-id": site_id, "message": message},
+                                              ensure_ascii=False, sort_keys=True)
+
+
+def decode_site_error(code: int, reason: str | None) -> dict[str, str] | None:
+    """``{"code", "site-id", "message"}`` of a site's coded error; None for any other error
+    (a Flower error, or a reason that does not match its code)."""
+    import json
+
+    names = {v: k for k, v in SITE_ERROR_CODES.items()}
+    if code not in names:
+        return None
+    try:
+        data = json.loads(reason or "")
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("code") != names[code]:
+        return None
+    if not all(isinstance(data.get(k), str) for k in ("site-id", "message")):
+        return None
+    return {"code": data["code"], "site-id": data["site-id"], "message": data["message"]}

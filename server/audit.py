@@ -42,6 +42,7 @@ from medisyn.server.federation import (
     GlobalModel,
     Outcome,
     read_status,
+    reply_error,
     reply_site,
     stage_payload,
     to_record,
@@ -120,7 +121,7 @@ def _query(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], time
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         site = reply_site(reply, node_sites)
         if reply.has_error():
-            errors[site] = reply.error.reason
+            errors[site] = reply_error(reply)[1]
             continue
         rec = reply.content.config_records.get("result")
         try:

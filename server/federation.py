@@ -51,7 +51,7 @@ from medisyn.wire import PACKED, layout_of, pack, unpack  # noqa: F401  (re-expo
 
 logger = logging.getLogger(__name__)
 
-BUDGET_MARK = "PrivacyBudgetError"
+BUDGET_CODE = "privacy-budget"  # medisyn.wire.SITE_ERROR_CODES: a site refused for budget
 
 
 # --------------------------------------------------------------------------- outcome
@@ -194,17 +194,29 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
-_ERROR_SITE = re.compile(r"site ([A-Za-z0-9][A-Za-z0-9_.-]{0,63}):")
+_SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # [site] id's pattern
+
+
+def reply_error(msg: Message) -> tuple[str, str, str | None]:
+    """``(code, message, site id)`` of an error reply: the fields of a site's coded error
+    (``medisyn.wire.decode_site_error``), else ``("flower-<code>", reason, None)``."""
+    from medisyn.wire import decode_site_error
+
+    err = msg.error
+    info = decode_site_error(int(err.code), err.reason)
+    if info is None:
+        return f"flower-{err.code}", str(err.reason or ""), None
+    return info["code"], info["message"], info["site-id"]
 
 
 def reply_site(msg: Message, node_sites: dict[int, str]) -> str:
-    """The site a reply comes from: its ``site`` record, the site named in its error,
-    or the site this node answered as before."""
+    """The site a reply comes from: its ``site`` record, the site id field of its coded
+    error, or the site this node answered as before."""
     node = msg.metadata.src_node_id
     if msg.has_error():
-        m = _ERROR_SITE.search(msg.error.reason or "")
-        if m and node not in node_sites:
-            return m.group(1)
+        site = reply_error(msg)[2]
+        if site is not None and _SITE_ID.fullmatch(site) and node not in node_sites:
+            return site
     else:
         cfg = msg.content.config_records.get("site")
         if cfg is not None and isinstance(cfg.get("site-id"), str):
@@ -306,9 +318,9 @@ def train_round(
     for msg in replies:
         site = reply_site(msg, node_sites)
         if msg.has_error():
-            reason = msg.error.reason
+            code, reason, _ = reply_error(msg)
             result.failed[site] = reason
-            if BUDGET_MARK in reason:
+            if code == BUDGET_CODE:
                 result.budget_failures += 1
             logger.warning("site %s failed round %d: %s", site, global_round, reason)
             continue
@@ -397,7 +409,7 @@ def evaluate_round(
     for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         site = reply_site(msg, node_sites)
         if msg.has_error():
-            failed[site] = msg.error.reason
+            failed[site] = reply_error(msg)[1]
             continue
         m = _metrics_of(msg)
         loss, n = m.get("loss"), m.get("num-examples")

@@ -28,7 +28,7 @@ from medisyn.server.config import FederationConfig, load_federation_config
 from medisyn.server.strategy import export_state, make_strategy, restore_state
 
 from medisyn.config import ModelConfig, TrainConfig, UNetConfig, VAEConfig
-from medisyn.errors import ConfigError, MediSynError, PrivacyBudgetError
+from medisyn.errors import ConfigError, PrivacyBudgetError
 
 DEMO = Path(__file__).resolve().parents[1] / "medisyn" / "assets" / "demo"
 SITES = ["breast-us", "chest-xray", "fundus"]
@@ -424,8 +424,9 @@ def test_client_node_config_never_from_run_config(tmp_path, client_app):
     )
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
                   run_config={"site-config": str(write_site(tmp_path, "fundus"))})
-    with pytest.raises(MediSynError, match="node config"):
-        client_app(msg, ctx)
+    reply = client_app(msg, ctx)  # a coded error reply (medisyn.wire), not an exception
+    code, text, site = fed.reply_error(reply)
+    assert (code, site) == ("config", "unknown-site") and "node config" in text
 
 
 def test_pack_unpack_round_trip_and_size_check():
@@ -549,12 +550,13 @@ def test_query_hook_enforces_site_policy(tmp_path, client_app):
         return Message(content=RecordDict({"config": ConfigRecord({"audit": audit})}),
                        message_type="query", dst_node_id=5, group_id="")
 
-    with pytest.raises(MediSynError, match="unknown audit query 'reconstruction'"):
-        client_app(ask("reconstruction"), ctx(q))
-    with pytest.raises(MediSynError, match="not allowed by the site's policy"):
-        client_app(ask("prompts"), ctx(p))
-    with pytest.raises(MediSynError, match="carries no synthetic images"):
-        client_app(ask("copy-detection"), ctx(q))
+    def refused(reply: Message, code: str, text: str) -> None:  # a coded error reply (medisyn.wire)
+        assert reply.has_error() and fed.reply_error(reply) == (code, fed.reply_error(reply)[1], "fundus")
+        assert text in fed.reply_error(reply)[1]
+
+    refused(client_app(ask("reconstruction"), ctx(q)), "policy-refused", "unknown audit query 'reconstruction'")
+    refused(client_app(ask("prompts"), ctx(p)), "policy-refused", "not allowed by the site's policy")
+    refused(client_app(ask("copy-detection"), ctx(q)), "config", "carries no synthetic images")
     reply = client_app(ask("prompts"), ctx(q))
     got = json.loads(reply.content.config_records["result"]["json"])
     assert got["prompts"] and all(pr.startswith("ophthalmology") for pr in got["prompts"]), got

@@ -77,10 +77,10 @@ def test_non_dp_round_refused_when_ledger_was_deleted(tmp_path, client_app):
 def test_client_check_opens_the_ledger_like_training(tmp_path):
     """`medisyn-client check`: a deleted ledger whose marker says the site trained is exit
     5 with the ledger named (as `medisyn privacy show` and training say), not ok."""
-    from typer.testing import CliRunner
-
     from medisyn.client.cli import app as client_cli
     from medisyn.client.supervisor import check_site
+    from typer.testing import CliRunner
+
     from medisyn.privacy.ledger import LEDGER_NAME, PrivacyLedger
 
     site_toml = node_configs(tmp_path, sites=["fundus"], privacy={"fundus": DP})[1000]["site-config"]
@@ -178,7 +178,6 @@ def test_evaluate_budget_per_model_through_the_clientapp(tmp_path, client_app):
     """The same model evaluated past the site's budget is refused; a new model is not."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
-
     from medisyn.server.federation import GlobalModel, stage_payload, to_record
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
@@ -195,6 +194,29 @@ def test_evaluate_budget_per_model_through_the_clientapp(tmp_path, client_app):
         return client_app(Message(content=content, message_type="evaluate", dst_node_id=5, group_id=""), ctx)
 
     assert not ask(0).has_error()
-    with pytest.raises(Exception, match="max_queries_per_model = 1"):
-        ask(0)
+    code, text, site = fed.reply_error(ask(0))
+    assert (code, site) == ("policy-refused", "fundus") and "max_queries_per_model = 1" in text
     assert not ask(1).has_error()
+
+
+def test_server_reads_the_error_code_and_site_not_the_text(tmp_path):
+    """A coded error counts as a budget refusal by its code and names its site by its
+    field; a Flower error whose text says 'site x: PrivacyBudgetError' is neither."""
+    from flwr.app import Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from medisyn.wire import encode_site_error
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    req = Message(RecordDict(), dst_node_id=7, message_type="train")
+
+    def err(code: int, reason: str) -> Message:
+        return Message(Error(code=code, reason=reason), reply_to=req)  # from node 7
+
+    coded = err(*encode_site_error("privacy-budget", "site-b", "cap reached (ε=8.1 > 8)"))
+    assert fed.reply_error(coded) == ("privacy-budget", "cap reached (ε=8.1 > 8)", "site-b")
+    assert fed.reply_site(coded, {}) == "site-b"
+    text = err(2, "<class 'medisyn.errors.PrivacyBudgetError'>:<'site evil: PrivacyBudgetError'>")
+    assert fed.reply_error(text)[0] == "flower-2" and fed.reply_site(text, {}) == "node-7"
+    forged = err(1004, '{"code": "ledger", "site-id": "x", "message": "m"}')  # code and field disagree
+    assert fed.reply_error(forged)[0] == "flower-1004"
