@@ -33,10 +33,14 @@ NODE_SITE_CONFIG = "site-config"
 NODE_STATE_DIR = "state-dir"
 
 # Metrics a site may report (numbers only). Anything else the core returns stays local.
+# docs/privacy.md ("What leaves a site") says which are covered by DP and which are not.
 REPORTED_METRICS = (
     "loss", "loss-first", "num-examples", "steps", "seconds", "images-per-s",
     "epsilon", "delta", "noise-multiplier", "sample-rate", "latent-std",
 )
+# Under DP, two avoidable outside-DP values stay at the site: the first batch's loss and
+# the images per second (the Poisson-sampled batch sizes of the round, summed).
+REPORTED_METRICS_DP = tuple(m for m in REPORTED_METRICS if m not in ("loss-first", "images-per-s"))
 
 
 
@@ -270,7 +274,8 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         **kwargs,
     )
     state = {k: v.detach().cpu().float().numpy() for k, v in result.state.items()}
-    metrics = {k: float(v) for k, v in result.metrics.items() if k in REPORTED_METRICS and isinstance(v, int | float)}
+    reported = REPORTED_METRICS_DP if site.privacy.dp else REPORTED_METRICS
+    metrics = {k: float(v) for k, v in result.metrics.items() if k in reported and isinstance(v, int | float)}
     metrics["num-examples"] = int(result.metrics["num-examples"])
     metrics["site-seconds"] = time.perf_counter() - t0
     return state, metrics

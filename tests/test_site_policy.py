@@ -42,12 +42,15 @@ def test_non_dp_round_after_dp_marks_epsilon_infinite(tmp_path, client_app):
     assert fed.run_federation(LocalGrid(nodes, client_app), cfg) == fed.Outcome.DONE
     eps_dp = PrivacyLedger.open(state, "breast-us", "rdp").epsilon()
     assert 0 < eps_dp < math.inf
+    (dp_rec,) = fed.iter_metrics(cfg.run_dir)  # under DP, avoidable outside-DP values stay home
+    assert dp_rec["sites"]["breast-us"]["epsilon"] == pytest.approx(eps_dp)
+    assert not {"loss-first", "images-per-s"} & set(dp_rec["sites"]["breast-us"])
 
     _set_privacy(Path(nodes[1000]["site-config"]), "")  # the site turns DP off
     cfg2 = fed_cfg(tmp_path / "r2", sites=sites, stages=["unet"], local_steps=1)
     assert fed.run_federation(LocalGrid(nodes, client_app), cfg2) == fed.Outcome.DONE
     (rec,) = fed.iter_metrics(cfg2.run_dir)
-    assert rec["sites"]["breast-us"]["status"] == "ok"
+    assert rec["sites"]["breast-us"]["status"] == "ok" and "images-per-s" in rec["sites"]["breast-us"]
     led = PrivacyLedger.open(state, "breast-us", "rdp")
     assert led.epsilon() == math.inf
     assert led.entries()[-1].sigma == 0.0 and led.entries()[-1].steps == 1
