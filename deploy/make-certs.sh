@@ -30,7 +30,7 @@ for site in "$@"; do
   if [[ ! -f "site-${site}-key" ]]; then
     ssh-keygen -q -t ecdsa -b 384 -N "" -f "site-${site}-key" -C "medisyn-site-${site}"
   fi
-  echo "register on the coordinator: flwr supernode register ${out}/site-${site}-key.pub medisyn"
+  echo "enrol on the coordinator: [sites.${site}] public_key = \"${out}/site-${site}-key.pub\" in federation.toml"
 done
 chmod 600 ./*.key site-*-key 2>/dev/null || true
 chmod 644 ca.pem superlink.pem ./*.pub 2>/dev/null || true

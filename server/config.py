@@ -31,6 +31,7 @@ Example (see ``deploy/federation.toml``)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,6 +285,21 @@ def resolve_paths(cfg: FederationConfig, base: Path) -> FederationConfig:
             ),
         }
     )
+
+
+ENROLMENT = "enrolment.json"
+
+
+def read_enrolment(run_dir: Path, *, by_key: bool = False) -> dict[Any, Any]:
+    """``RUN_DIR/enrolment.json`` as ``{node_id: site}`` (``by_key``: ``{key sha256:
+    (node_id, site)}``); empty when there is none or it is unreadable."""
+    try:
+        nodes = json.loads((Path(run_dir) / ENROLMENT).read_text())["nodes"]
+        if by_key:
+            return {v["key_sha256"]: (int(k), v["site"]) for k, v in nodes.items()}
+        return {int(k): str(v["site"]) for k, v in nodes.items()}
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}
 
 
 def federation_from_json(text: str) -> FederationConfig:

@@ -42,7 +42,7 @@ from medisyn.server.checkpoint import (
     write_checkpoint,
 )
 from medisyn.server.checks import Candidate, check_replies
-from medisyn.server.config import FederationConfig
+from medisyn.server.config import FederationConfig, read_enrolment
 from medisyn.server.strategy import aggregate_checked, export_state, make_strategy, restore_state
 
 from medisyn.config import ModelConfig, Stage
@@ -288,6 +288,7 @@ def train_round(
 ) -> RoundResult:
     """One training round: send, collect, check, aggregate (strategy), report."""
     token = reply_token(grid, global_round)
+    enrolled = read_enrolment(cfg.run_dir)  # node id -> site id, under SuperNode auth
     config = ConfigRecord(
         {
             "stage": stage,
@@ -323,6 +324,14 @@ def train_round(
             if code == BUDGET_CODE:
                 result.budget_failures += 1
             logger.warning("site %s failed round %d: %s", site, global_round, reason)
+            continue
+        node = msg.metadata.src_node_id
+        if enrolled and enrolled.get(node) != site:
+            # bound to the authenticated node: a node answers only as the site it was enrolled as
+            key = enrolled.get(node, f"node-{node}")
+            result.failed[key] = (f"rejected: reply claims site {site!r} but node {node} is "
+                                  + (f"enrolled as {enrolled[node]!r}" if node in enrolled else "not enrolled"))
+            logger.warning("rejected reply from node %s: %s", node, result.failed[key])
             continue
         recs = list(msg.content.array_records.values())
         metrics = _metrics_of(msg)

@@ -2,7 +2,11 @@
 
 1. validate the config, write ``RUN_DIR/federation.resolved.json`` (+ hash);
 2. start ``flower-superlink`` (own process group; SQLite ``--database`` in the run
-   directory; ``--disable-runtime-dependency-installation``; loopback by default);
+   directory; ``--disable-runtime-dependency-installation``; loopback by default) and,
+   with ``enable_supernode_auth``, register every ``[sites.<id>] public_key`` of the
+   config through the Control API — at *every* start, so enrolment survives a SuperLink
+   restart with in-memory state — and write ``RUN_DIR/enrolment.json`` (node id -> site
+   id), which the ServerApp uses to bind each reply to its authenticated node;
 3. write ``RUN_DIR/flwr-home/config.toml`` (a ``medisyn`` SuperLink connection) and
    submit the thin app bundle with ``flwr run``;
 4. follow ``RUN_DIR/metrics.jsonl`` and ``status.json`` (written by the ServerApp)
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medisyn.server.checkpoint import atomic_write_text, latest_checkpoint
-from medisyn.server.config import FederationConfig
+from medisyn.server.config import ENROLMENT, FederationConfig, read_enrolment
 from medisyn.server.federation import Outcome, read_status
 
 from medisyn.exitcodes import ExitCode, exit_help
@@ -86,6 +91,20 @@ def superlink_argv(cfg: FederationConfig) -> list[str]:
     if sl.enable_supernode_auth:
         argv.append("--enable-supernode-auth")
     return argv
+
+
+def _json_field(stdout: str, key: str) -> Any:
+    for line in stdout.splitlines()[::-1]:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line).get(key)
+            except json.JSONDecodeError:
+                continue
+    try:
+        return json.loads(stdout).get(key)
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def format_round(rec: dict[str, Any]) -> str:
@@ -186,6 +205,46 @@ class ServerSupervisor:
                                       ExitCode.INTERNAL)
             time.sleep(0.3)
         self.echo(f"SuperLink listening on {sl.address} (logs: {self.superlink.log_path})")
+        self.enrol_sites()
+
+    def enrol_sites(self, timeout: float = 120.0) -> dict[int, str]:
+        """Register each enrolled site's public key with the running SuperLink (node auth)
+        and write ``RUN_DIR/enrolment.json``; return ``{node_id: site_id}``.
+
+        A key the SuperLink already holds (SQLite state kept from an earlier start) keeps
+        the node id recorded for it in the previous ``enrolment.json``.
+        """
+        sl = self.cfg.superlink
+        keys = {s: e.public_key for s, e in self.cfg.enrolment.items() if e.public_key is not None}
+        if not sl.enable_supernode_auth or not keys:
+            (self.run_dir / ENROLMENT).unlink(missing_ok=True)
+            return {}
+        previous = read_enrolment(self.run_dir, by_key=True)
+        nodes: dict[int, str] = {}
+        record: dict[str, dict[str, str]] = {}
+        for site, key in sorted(keys.items()):
+            digest = hashlib.sha256(Path(key).read_bytes().strip()).hexdigest()
+            res = subprocess.run(
+                [executable("flwr"), "supernode", "register", str(key), "medisyn", "--name", site,
+                 "--format", "json"],
+                capture_output=True, text=True, env=child_env(self.env()), timeout=timeout,
+                cwd=self.run_dir, start_new_session=True)
+            node_id = _json_field(res.stdout, "node-id")
+            if node_id is None and "already in use" in (res.stdout + res.stderr).lower():
+                node_id = previous.get(digest, (None, None))[0]
+                if node_id is None:
+                    raise SupervisorError(
+                        f"site {site}: its key {key} is already registered in the SuperLink's state "
+                        f"but {self.run_dir / ENROLMENT} does not say as which node; remove "
+                        f"{self.run_dir / 'superlink.db'} to register the sites afresh", ExitCode.CONFIG)
+            if node_id is None:
+                raise SupervisorError(f"site {site}: `flwr supernode register {key}` failed "
+                                      f"({res.returncode}):\n{res.stdout}{res.stderr}", ExitCode.INTERNAL)
+            nodes[int(node_id)] = site
+            record[str(int(node_id))] = {"site": site, "key_sha256": digest}
+        atomic_write_text(self.run_dir / ENROLMENT, json.dumps({"nodes": record}, indent=1, sort_keys=True))
+        self.echo(f"enrolled {len(nodes)} site(s) with the SuperLink: {', '.join(sorted(nodes.values()))}")
+        return nodes
 
     def run_config(self) -> dict[str, Any]:
         """The ``--run-config`` of the submission (keys declared in the FAB's pyproject)."""

@@ -16,11 +16,8 @@ import html as html_lib
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,26 +62,9 @@ def artifacts_dir() -> Path:
 
 def ensure_chromium() -> str:
     """The path of ``chromium``; installed with apt-get (as root) when missing."""
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if found:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("chromium is not installed and apt-get is unavailable to install it")
-    if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and installing it with apt-get needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    for cmd in ([apt, "install", "-y", "-q", "chromium"], [apt, "update", "-q"],
-                [apt, "install", "-y", "-q", "chromium"]):
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        log.append(f"$ {' '.join(cmd)} -> {res.returncode}\n{res.stdout[-1500:]}{res.stderr[-1500:]}")
-        if cmd[1] == "install" and res.returncode == 0:
-            break
-    found = shutil.which("chromium")
-    if not found:
-        pytest.fail("apt-get could not install chromium:\n" + "\n".join(log))
-    return found
+    from system_tools import ensure_tool
+
+    return ensure_tool("chromium", "chromium")
 
 
 def _run(chromium: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

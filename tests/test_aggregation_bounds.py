@@ -7,6 +7,8 @@ The property tests run the server's own path (``check_replies`` then
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -239,3 +241,29 @@ def test_in_process_round_rejects_a_stale_token_and_caps_a_claim(tmp_path):
     assert rec["sites"]["chest-xray"]["status"] == "ok"
     assert rec["sites"]["chest-xray"]["weight-examples"] == 7
     assert rec["sites"]["fundus"]["status"] == "ok" and rec["aggregate_problem"] is None
+
+
+def test_reply_bound_to_its_enrolled_node(tmp_path):
+    """Under node auth, RUN_DIR/enrolment.json maps node id -> site: a node that claims
+    another site's id is rejected (and does not get the real site rejected with it)."""
+    from medisyn.client.app import app as client_app
+    from medisyn.server import federation as fed
+    from test_federation_units import LocalGrid, fed_cfg, node_configs
+
+    from medisyn.fileio import atomic_write_text
+
+    def impersonate(_site, reply: Message) -> Message:
+        reply.content["site"] = ConfigRecord({**dict(reply.content["site"]), "site-id": "breast-us"})
+        return reply
+
+    nodes = node_configs(tmp_path)  # 1000 breast-us, 1001 chest-xray, 1002 fundus
+    cfg = fed_cfg(tmp_path, stages=["vae"])
+    enrolled = {"1000": {"site": "breast-us", "key_sha256": "a"}, "1002": {"site": "fundus", "key_sha256": "c"}}
+    atomic_write_text(cfg.run_dir / "enrolment.json", json.dumps({"nodes": enrolled}))
+    grid = LocalGrid(nodes, client_app, tamper={1002: impersonate})
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    (rec,) = fed.iter_metrics(cfg.run_dir)
+    assert rec["sites"]["breast-us"]["status"] == "ok"  # the real one still counts
+    assert "enrolled as 'fundus'" in rec["sites"]["fundus"]["reason"]
+    assert "node 1001 is not enrolled" in rec["sites"]["node-1001"]["reason"]
+    assert rec["answered"] == 1
