@@ -133,7 +133,7 @@ def test_one_site_moves_the_aggregate_at_most_its_capped_weight_times_the_bound(
     att=attacker(),
     cap=st.integers(1, 1000),
     honest_spec=st.lists(
-        st.tuples(st.integers(0, 2**16), st.floats(0.0, 1.0), st.integers(1, 1000)), min_size=1, max_size=4),
+        st.tuples(st.integers(0, 2**16), st.floats(0.0, 0.999), st.integers(1, 1000)), min_size=1, max_size=4),
 )
 def test_aggregate_stays_in_the_norm_ball_and_one_site_shifts_it_by_its_weight(att, cap, honest_spec):
     """Honest sites send any update within the bound. The aggregate stays within B of the
@@ -143,7 +143,7 @@ def test_aggregate_stays_in_the_norm_ball_and_one_site_shifts_it_by_its_weight(a
     hs = [honest(i, seed, frac, n) for i, (seed, frac, n) in enumerate(honest_spec)]
     caps = {f"h{i}": 1000 for i in range(len(hs))} | {"x": cap}
     v, agg = run_round([*(c for c, _ in hs), cand], {**{c.site: f for c, f in hs}, "x": flat}, caps)
-    assert agg is not None
+    assert agg is not None  # honest updates are inside the bound: the smallest one is always kept
     assert float(np.linalg.norm(agg - G)) <= B * (1 + 1e-5) + 1e-5
     acc = {c.site for c in v.accepted}
     honest_acc = [(c, f) for c, f in hs if c.site in acc]
