@@ -536,6 +536,73 @@ def site_privacy(site: SiteConfig) -> SitePrivacy:
     return SitePrivacy(epsilon=None, delta=None, max_epsilon=priv.max_epsilon, dp=False)
 
 
+SCHEDULERS = ("dpm", "ddim", "ddpm")
+
+
+def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str, generation: str, *,
+                     sample: int | None, tolerance: float, site_id: str = "site") -> dict[str, Any]:
+    """Check that the query's images came from the model: regenerate ``sample`` of them
+    (None: all), chosen at random by the site, from their prompt and seed with the
+    message's model and the query's sampler settings, and compare pixel by pixel.
+
+    ``meta``: the query's JSON list of ``{id, prompt, seed}``; ``generation``: JSON
+    ``{steps, guidance, scheduler}``. Generation is deterministic by seed
+    (``medisyn.generate``: image k of a call has seed ``seed + k``), so runs of consecutive
+    seeds are regenerated in one call each. An image whose mean absolute difference is
+    over ``tolerance`` (8-bit levels) or whose largest difference is over ``16 ×
+    tolerance`` refuses the whole query (:class:`AuditRefused`). Returns what was checked.
+    """
+    from medisyn.generate import generate
+
+    def refuse(why: str) -> AuditRefused:
+        return AuditRefused(f"site {site_id}: copy-detection query refused: {why}")
+
+    try:
+        rows = json.loads(meta)
+        seeds = {str(r["id"]): int(r["seed"]) for r in rows}
+        prompts = {str(r["id"]): str(r["prompt"]) for r in rows}
+        gen = json.loads(generation)
+        steps, guidance, scheduler = int(gen["steps"]), float(gen["guidance"]), str(gen["scheduler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise refuse(f"the images cannot be verified: the query needs a seed per image and the "
+                     f"sampler settings ({type(e).__name__}: {e})") from None
+    if not (1 <= steps <= 1000 and 0 <= guidance <= 50 and scheduler in SCHEDULERS):
+        raise refuse(f"sampler settings out of range (steps {steps}, guidance {guidance}, scheduler {scheduler!r})")
+    items = [(str(i), np.asarray(img), p) for i, img, p in synthetic]
+    for i, _, p in items:
+        if i not in seeds or prompts[i] != p:
+            raise refuse(f"image {i!r} has no seed (or another prompt) in the query's image list")
+    n = len(items)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))  # the coordinator cannot predict it
+    chosen = range(n) if sample is None or sample >= n else sorted(rng.choice(n, sample, replace=False))
+    todo = sorted((seeds[items[k][0]], k) for k in chosen)
+    worst = 0.0
+    run: list[tuple[int, int]] = []
+    for j, (seed, k) in enumerate(todo):
+        run.append((seed, k))
+        nxt = todo[j + 1][0] if j + 1 < len(todo) else None
+        if nxt == seed + 1:
+            continue
+        made = generate(components, [items[k2][2] for _, k2 in run], n_per_prompt=1, seed=run[0][0],
+                        steps=steps, guidance=guidance, scheduler=scheduler)
+        for (_, k2), g in zip(run, made, strict=True):
+            sid, got, _ = items[k2]
+            want = np.asarray(g.image.convert("L") if got.ndim == 2 else g.image.convert("RGB"))
+            if want.shape != got.shape:
+                raise refuse(f"image {sid!r} has shape {got.shape}; the model makes {want.shape}")
+            diff = np.abs(want.astype(np.int16) - got.astype(np.int16))
+            mean, peak = float(diff.mean()), int(diff.max())
+            worst = max(worst, mean)
+            if mean > tolerance or peak > 16 * tolerance:
+                raise refuse(f"image {sid!r} is not what the model makes from its prompt and seed "
+                             f"(mean |difference| {mean:.2f}, max {peak} levels; tolerance {tolerance:g}, "
+                             f"max {16 * tolerance:g})")
+        run = []
+    log.info("site %s: verified %d of %d synthetic images against the model (worst mean |diff| %.3f)",
+             site_id, len(todo), n, worst)
+    return {"verified": len(todo), "of": n, "worst_mean_abs_diff": worst}
+
+
 def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | None = None,
                *, audit_config: AuditConfig | None = None,
                synthetic: Sequence[Synthetic] | None = None,

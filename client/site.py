@@ -164,6 +164,13 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     stage = str(config["stage"])
     components = build_components(model_cfg, seed=int(config.get("seed", 0)))
     policy.check_model_size(sum(p.numel() for m in (components.unet, components.vae) for p in m.parameters()))
+    # Make the scheduler config explicit, as the coordinator's model loaded from disk has
+    # it: a freshly built one marks keys as defaults, and a sampling scheduler made from it
+    # then takes its own defaults (e.g. timestep_spacing), so the same weights and seed
+    # would generate other images than the coordinator's (the audit verifies them).
+    sched = components.noise_scheduler
+    components.noise_scheduler = type(sched).from_config(
+        {k: v for k, v in sched.config.items() if k != "_use_default_values"})
 
     def layout(stages: list[str]) -> list[tuple[str, tuple[int, ...]]]:
         shapes = {f"{fs}/{k}": tuple(v.shape) for fs in stages for k, v in trainable_state(components, fs).items()}  # type: ignore[arg-type]
@@ -341,6 +348,19 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         components, _, _ = _components(site, config, arrays, frozen)
         components.unet.eval()
         components.vae.eval()
+    sample = site.privacy.audit_verify_sample
+    if sample != 0:
+        # The site audits only images it has verified came from the model under audit
+        # (a real image slipped in would make the audit a membership oracle).
+        from medisyn.audit.site_audit import verify_synthetic
+
+        if components is None:
+            raise PermissionError(
+                "the site verifies the query's images against the model (privacy.audit_verify_sample "
+                "is not 0), but the query carries no model: send it (no --no-model)")
+        verify_synthetic(components, synthetic, str(config.get("synthetic-meta", "[]")),
+                         str(config.get("generation", "")), sample=sample,
+                         tolerance=site.privacy.audit_verify_tolerance, site_id=site.site.id)
     # the site's [audit] table (thresholds, views, encoder settings) from its own TOML
     audit_cfg = load_site(Path(site_path))[1] if site_path is not None else None
     return dict(site_query(site, {k: v for k, v in config.items() if k in ("audit", "model_hash")},

@@ -170,6 +170,11 @@ class PrivacyConfig(_Frozen):
     max_model_parameters: int | None = Field(default=2_000_000_000, ge=1)
     max_queries_per_model: int | None = Field(default=3, ge=1)  # evaluate / audit, per model hash
     audit_min_group: int = Field(default=20, ge=1)  # k: audit group statistics need >= k images
+    # Copy-detection queries: regenerate this many of the images (None: all; 0: do not verify)
+    # from the message's model and seeds, and refuse the query if one differs by more than
+    # audit_verify_tolerance (mean |difference| in 8-bit levels; max |difference| <= 16x it).
+    audit_verify_sample: int | None = Field(default=None, ge=0)
+    audit_verify_tolerance: float = Field(default=2.0, gt=0)
     allowed_audits: list[str] = Field(default_factory=lambda: ["copy-detection", "membership"])
 
     @model_validator(mode="after")

@@ -16,8 +16,10 @@
 Message contract (server -> site), ``query`` content:
 - ``config``: ``audit`` (``prompts`` | ``copy-detection``), ``model_hash``, and for copy
   detection the model's ``model-config``, ``stage`` (``unet``), ``seed``,
-  ``frozen-stages``/``latent-std`` as in a training message, and ``synthetic-meta`` (JSON
-  list of ``{id, prompt}``);
+  ``frozen-stages``/``latent-std`` as in a training message, ``synthetic-meta`` (JSON
+  list of ``{id, prompt, seed}``) and ``generation`` (JSON ``{steps, guidance,
+  scheduler}``): a site regenerates (a sample of) the images from the model and their
+  seeds and refuses the query if they differ (``privacy.audit_verify_sample``);
 - ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.wire``);
 - ``synthetic``: ArrayRecord ``{"images": uint8 (N, H, W, C)}``.
 Reply: ConfigRecord ``result`` with ``json`` (the aggregate), a MetricRecord, ``site``.
@@ -197,7 +199,15 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
 
     # 3. the copy-detection query
     images, meta = pack_images(synthetic)
-    config: dict[str, Any] = {"audit": "copy-detection", "model_hash": mhash, "synthetic-meta": meta}
+    # each image's seed and the sampler settings: a site regenerates (a sample of) the images
+    # from the model to verify them before it audits (privacy.audit_verify_sample)
+    rows = json.loads(meta)
+    for row, g in zip(rows, items, strict=True):
+        row["seed"] = int(g.seed)
+    config: dict[str, Any] = {
+        "audit": "copy-detection", "model_hash": mhash, "synthetic-meta": json.dumps(rows),
+        "generation": json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler}),
+    }
     arrays = frozen = None
     if req.send_model:
         stage = "unet"

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from medisyn.server import federation as fed
 from test_federation_units import LocalGrid, fed_cfg, node_configs
@@ -223,3 +224,58 @@ def test_server_reads_the_error_code_and_site_not_the_text(tmp_path):
     assert fed.reply_error(text)[0] == "flower-2" and fed.reply_site(text, {}) == "node-7"
     forged = err(1004, '{"code": "ledger", "site-id": "x", "message": "m"}')  # code and field disagree
     assert fed.reply_error(forged)[0] == "flower-1004"
+
+
+# --------------------------------------------------------------------------- audit verification
+
+
+class SlippingGrid(LocalGrid):
+    """A dishonest coordinator: swaps one generated image of the copy-detection query for a
+    real training image of the site (keeping its id, prompt and claimed seed)."""
+
+    def __init__(self, *a, real_image: np.ndarray, **kw):
+        super().__init__(*a, **kw)
+        self.real_image = real_image
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Array
+
+        from medisyn.wire import IMAGES
+
+        for m in messages:
+            rec = m.content.array_records.get("synthetic")
+            if rec is not None:
+                imgs = rec[IMAGES].numpy().copy()
+                imgs[1] = self.real_image.reshape(imgs.shape[1:])
+                rec[IMAGES] = Array(imgs)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_audit_query_with_a_real_image_slipped_in_is_refused(tmp_path, client_app):
+    """The site regenerates the query's images from the model and their seeds: a real
+    training image among generated ones makes it refuse the whole query (nothing audited)."""
+    from medisyn.audit.report import ReleaseReport
+    from medisyn.server.audit import AuditRequest, run_audit
+
+    from medisyn.data import load_dataset
+
+    sites = ["fundus"]
+    nodes = node_configs(tmp_path, sites=sites)
+    cfg = fed_cfg(tmp_path, sites=sites, stages=["unet"], local_steps=1)
+    assert fed.run_federation(LocalGrid(nodes, client_app), cfg) == fed.Outcome.DONE
+    from medisyn.client.site import site_from_node_config
+
+    site = site_from_node_config(nodes[1000])
+    ds = load_dataset(site.dataset, resolution=cfg.model.resolution, channels=cfg.model.channels, splits=["train"])
+    real = ((ds.images[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    grid = SlippingGrid(nodes, client_app, real_image=real)
+    out = tmp_path / "audit"
+    req = AuditRequest(run_dir=cfg.run_dir, out_dir=out, n_per_prompt=3, steps=2,
+                       prompts=["ophthalmology, fundus photograph, grade 0"])
+    assert run_audit(grid, cfg, req) == fed.Outcome.DONE
+    rep = ReleaseReport.model_validate_json((out / "release_report.json").read_text())
+    assert rep.sites == [] and not rep.gate.passed
+    reason = rep.site_errors["fundus"]
+    assert "refused" in reason and "is not what the model makes" in reason and "00001" in reason, reason
+    (reply,) = grid.replies
+    assert fed.reply_error(reply)[0] == "policy-refused"
