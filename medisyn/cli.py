@@ -171,6 +171,49 @@ def generate(
     typer.echo(f"{len(items)} images, sidecars and grid.png in {out}")
 
 
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Model directory (diffusers layout).")],
+    data: Annotated[list[Path], typer.Option("--data", help="Dataset TOML; repeat for every image type.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for evaluation.json and evaluation.html.")],
+    n_per_label: Annotated[int, typer.Option("--n-per-label", help="Images generated per label.")] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 20,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 3.0,
+    classifier_steps: Annotated[int | None, typer.Option("--classifier-steps", help="Steps of each classifier (default 300; the encoder CNN gets a third more).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
+) -> None:
+    """Judge a model by its images: type recognition, label alignment, TSTR, FD/KID,
+    precision/recall, density/coverage, near-duplicates, each next to its real-data floor."""
+    from medisyn.config import load_dataset_config
+    from medisyn.evaluation import evaluate_model, make_settings
+    from medisyn.evaluation_report import summary_lines, write_evaluation
+    from medisyn.models import load_components, model_hash, read_model_meta
+
+    settings = make_settings(n_per_label=n_per_label, seed=seed, steps=steps, guidance=guidance,
+                             classifier_steps=classifier_steps, threads=threads,
+                             encoder_steps=None if classifier_steps is None else max(1, classifier_steps * 4 // 3))
+    if not model.is_dir():
+        raise ConfigError(f"--model {model}: no such directory")
+    if not (model / "model_index.json").is_file():
+        raise ConfigError(f"--model {model} is not a MediSyn model directory (no model_index.json); "
+                          "pass the model/ folder that `medisyn train` or a federation wrote")
+    dcfgs = [load_dataset_config(p) for p in data]
+    components = load_components(model)
+    gallery: dict = {}
+    result = evaluate_model(components, dcfgs, settings=settings, model_hash=model_hash(model),
+                            model_meta=read_model_meta(model), gallery=gallery, progress=typer.echo)
+    result["model_dir"] = str(model.resolve())
+    js, page = write_evaluation(result, out, gallery)
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"took {result['timings']['total_seconds']:.0f} s (generation "
+               f"{result['timings'].get('generate_seconds', 0):.0f} s); report: {page} (JSON: {js})")
+
+
 # --------------------------------------------------------------------------- demo
 
 
