@@ -301,7 +301,7 @@ def evaluate_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarra
 
 
 # What a site answers to an audit query (names; anything else is refused).
-QUERIES = ("prompts", "copy-detection")
+QUERIES = ("prompts", "copy-detection", "evaluate")
 
 
 def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None = None,
@@ -322,6 +322,10 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     audit = str(config.get("audit", ""))
     if audit not in QUERIES:
         raise PermissionError(f"unknown audit query {audit!r}; a site answers {list(QUERIES)}")
+    if audit == "evaluate":  # model quality on the site's own data (medisyn.client.evaluate)
+        from medisyn.client.evaluate import evaluate_query
+
+        return evaluate_query(site, config, arrays, frozen)
     # Both queries serve the copy-detection audit; the site's policy must allow it.
     if "copy-detection" not in site.privacy.allowed_audits:
         raise PermissionError(

@@ -175,7 +175,7 @@ class PrivacyConfig(_Frozen):
     # audit_verify_tolerance (mean |difference| in 8-bit levels; max |difference| <= 16x it).
     audit_verify_sample: int | None = Field(default=None, ge=0)
     audit_verify_tolerance: float = Field(default=2.0, gt=0)
-    allowed_audits: list[str] = Field(default_factory=lambda: ["copy-detection", "membership"])
+    allowed_audits: list[str] = Field(default_factory=lambda: ["copy-detection", "membership", "evaluate"])
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:

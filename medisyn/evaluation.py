@@ -2,7 +2,8 @@
 
 The model generates ``n_per_label`` images for the prompt of every label of every image
 type; small CNNs trained here, at evaluation time, on the *real* images (seeded, CPU,
-label-balanced batches, horizontal flips) then measure:
+label-balanced batches, horizontal flips where ``[dataset].hflip`` allows them) then
+measure:
 
 - ``type_recognised``: share of images prompted with image type T that a classifier
   trained on the real training images of *all* given datasets (classes: image type x
@@ -173,7 +174,8 @@ def frechet_distance(a: Any, b: Any) -> float | None:
 
 
 def kernel_distance(a: Any, b: Any) -> float | None:
-    """KID: unbiased MMD² with the polynomial kernel ``(x·y/d + 1)^3``; None below 2 rows."""
+    """KID: unbiased MMD² with the polynomial kernel ``(x·y/d + 1)^3`` over the whole sets
+    (no subsets: the sets here are small); None below 2 rows."""
     a, b = _f64(a), _f64(b)
     n, m = len(a), len(b)
     if n < 2 or m < 2:
@@ -184,7 +186,10 @@ def kernel_distance(a: Any, b: Any) -> float | None:
     kab = (a @ b.T / d + 1) ** 3
     xx = (kaa.sum() - np.trace(kaa)) / (n * (n - 1))
     yy = (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
-    return float(xx + yy - 2 * kab.mean())
+    # equal sizes: Gretton et al.'s U-statistic (cross pairs i != j; exactly 0 for a set
+    # against itself); else the mean over all cross pairs (Binkowski et al.). Both unbiased.
+    xy = (kab.sum() - np.trace(kab)) / (n * (n - 1)) if n == m else kab.mean()
+    return float(xx + yy - 2 * xy)
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -280,11 +285,13 @@ class SmallCNN(torch.nn.Module):
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, steps: int, seed: int,
                      batch: int = 64, lr: float = 3e-3, width: int = 16,
-                     rotations: bool = False) -> SmallCNN:
+                     rotations: bool = False, hflip: bool | torch.Tensor = True) -> SmallCNN:
     """The one classifier recipe: seeded init and batches, label-balanced batches (each
     class equally likely), random horizontal flips, Adam with a cosine-decayed rate, ``steps``
     steps.
-    ``rotations``: the self-supervised variant (labels are the rotation of the image)."""
+    ``rotations``: the self-supervised variant (labels are the rotation of the image).
+    ``hflip``: whether (per image, or for all) a horizontal flip is allowed — off for
+    anatomy a mirror makes invalid (``[dataset].hflip``)."""
     if len(x) == 0:
         raise DataError("no images to train a classifier on")
     y = y.long()
@@ -301,6 +308,10 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, steps:
             idx = torch.multinomial(w, batch, replacement=True, generator=gen)
             xb = x[idx]
             flip = torch.rand(batch, generator=gen) < 0.5
+            if isinstance(hflip, torch.Tensor):
+                flip &= hflip[idx]
+            elif not hflip:
+                flip[:] = False
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             yb = y[idx]
             if rotations:
@@ -373,6 +384,7 @@ class TypeData:
     data_hashes: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # site-local only
     raw_train: list[np.ndarray] = field(default_factory=list)  # for the local gallery only
+    hflip: bool = True  # may a classifier flip these images ([dataset].hflip of every dataset)
 
 
 def data_hash(raw: Any) -> str:
@@ -400,9 +412,10 @@ def load_types(datasets: Sequence[DatasetConfig], resolution: int = 32) -> dict[
         raw = read_raw(cfg)
         g = groups.setdefault(cfg.image_type, {"specialty": cfg.specialty, "prompts": [], "labels": [],
                                                "train": ([], []), "hold": ([], []), "hashes": [],
-                                               "paths": [], "raw_train": []})
+                                               "paths": [], "raw_train": [], "hflip": True})
         g["hashes"].append(data_hash(raw))
         g["paths"].append(str(cfg.path))
+        g["hflip"] = g["hflip"] and bool(getattr(cfg, "hflip", True))
         lids = list(cfg.labels) if cfg.labels else [None]
         for lid in lids:
             p = build_prompt(cfg, lid)
@@ -434,7 +447,7 @@ def load_types(datasets: Sequence[DatasetConfig], resolution: int = 32) -> dict[
             image_type=t, specialty=g["specialty"], labels=labels, prompts=list(g["prompts"]),
             x_train=to_eval_space(g["train"][0], resolution), y_train=torch.tensor(g["train"][1]),
             x_hold=to_eval_space(g["hold"][0], resolution), y_hold=torch.tensor(g["hold"][1]),
-            data_hashes=g["hashes"], paths=g["paths"], raw_train=g["raw_train"],
+            data_hashes=g["hashes"], paths=g["paths"], raw_train=g["raw_train"], hflip=g["hflip"],
         )
     return out
 
@@ -518,7 +531,7 @@ def _classify_arms(td: TypeData, xs: torch.Tensor, ys: torch.Tensor, s: Evaluati
         skipped["label_alignment"] = skipped["tstr"] = why
         return metrics, per_label, skipped, None
     kw = dict(steps=s.classifier_steps, seed=s.seed, batch=s.classifier_batch, lr=s.classifier_lr,
-              width=s.classifier_width)
+              width=s.classifier_width, hflip=td.hflip)
     with clock("classifiers"):
         real = train_classifier(td.x_train, td.y_train, n_cls, **kw)
         metrics["real_balanced_accuracy"] = balanced_accuracy(td.y_hold, predict(real, td.x_hold))
@@ -595,7 +608,9 @@ def _type_entry(td: TypeData) -> dict[str, Any]:
         "image_type": td.image_type, "specialty": td.specialty, "labels": list(td.labels),
         "prompts": dict(zip(td.labels, td.prompts, strict=True)),
         "n_train": int(len(td.x_train)), "n_holdout": int(len(td.x_hold)),
-        "metrics": {}, "floors": {}, "per_label": {lab: {"metrics": {}, "floors": {}} for lab in td.labels},
+        "metrics": {}, "floors": {},
+        "per_label": {lab: {"metrics": {}, "floors": {}, "n_train": int((td.y_train == c).sum()),
+                            "n_holdout": int((td.y_hold == c).sum())} for c, lab in enumerate(td.labels)},
         "skipped": {},
     }
 
@@ -691,11 +706,12 @@ def _evaluate_types(components: Any, types: dict[str, TypeData], s: EvaluationSe
             o += len(types[t].labels)
         x = torch.cat([types[t].x_train for t in all_types])
         y = torch.cat([types[t].y_train + offs[t] for t in all_types])
+        flips = torch.cat([torch.full((len(types[t].x_train),), types[t].hflip) for t in all_types])
         progress(f"training the image-type x label classifier ({n_joint} classes, {len(x)} real images, "
                  f"{s.encoder_steps} steps)")
         with clock("classifiers"):
             enc = train_classifier(x, y, n_joint, steps=s.encoder_steps, seed=s.seed, batch=s.classifier_batch,
-                                   lr=s.classifier_lr, width=s.classifier_width)
+                                   lr=s.classifier_lr, width=s.classifier_width, hflip=flips)
         encoder_name = "type-label"
         type_of = np.concatenate([[k] * len(types[t].labels) for k, t in enumerate(all_types)]).astype(int)
         if len(all_types) < 2:
@@ -747,7 +763,8 @@ def _evaluate_types(components: Any, types: dict[str, TypeData], s: EvaluationSe
                 with clock("classifiers"):
                     t_enc = train_classifier(td.x_train, torch.zeros(len(td.x_train), dtype=torch.long), 1,
                                              steps=s.encoder_steps, seed=s.seed, batch=s.classifier_batch,
-                                             lr=s.classifier_lr, width=s.classifier_width, rotations=True)
+                                             lr=s.classifier_lr, width=s.classifier_width, rotations=True,
+                                             hflip=td.hflip)
                 t_name = "rotation"
         entries[t]["encoder"] = t_name
         if not len(xs):
@@ -837,14 +854,37 @@ SITE_TYPE_NOTE = ("type recognition needs real images of every image type, so on
                   "inside the k-NN manifold of the site's own real images)")
 
 
+def suppress_small_groups(entry: dict[str, Any], k: int) -> None:
+    """The site's k rule (``[privacy] audit_min_group``): statistics of a group of fewer
+    than ``k`` real images do not leave the site. Per label: FD/KID/P/R/D/C and every floor
+    are dropped when the label has fewer than ``k`` held-out or training images (values of
+    the synthetic images alone stay); per type: everything measured on the held-out split."""
+    if k <= 1:
+        return
+    for lab, pl in entry.get("per_label", {}).items():
+        if min(int(pl.get("n_holdout", 0)), int(pl.get("n_train", 0))) < k:
+            pl["metrics"] = {m: v for m, v in pl.get("metrics", {}).items() if m not in FIDELITY}
+            pl["floors"] = {}
+            pl["suppressed"] = (f"fewer than k = {k} real held-out or training images of this label "
+                                "(the site's audit_min_group): real-data statistics stay at the site")
+    if min(int(entry.get("n_holdout", 0)), int(entry.get("n_train", 0))) < k:
+        held = set(FIDELITY) | {"real_balanced_accuracy", "tstr_balanced_accuracy",
+                                "augmented_balanced_accuracy", "real10_balanced_accuracy"}
+        entry["metrics"] = {m: v for m, v in entry.get("metrics", {}).items() if m not in held}
+        entry["floors"] = {}
+        entry["skipped"]["real-data statistics"] = (
+            f"fewer than k = {k} real held-out or training images (the site's audit_min_group)")
+
+
 def evaluate_site(components: Any, dataset_cfg: DatasetConfig, *,
                   settings: EvaluationSettings | Mapping[str, Any] | None = None,
                   site_id: str | None = None, model_hash: str | None = None,
-                  model_meta: Mapping[str, Any] | None = None,
+                  model_meta: Mapping[str, Any] | None = None, min_group: int = 1,
                   progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate with one site's data only; returns the shareable aggregate: scalars,
     label words, prompts and counts (no per-image value, no real pixel, no embedding, no
-    path). The encoder is the site's label classifier (the rotation CNN for one label)."""
+    path). The encoder is the site's label classifier (the rotation CNN for one label).
+    ``min_group``: the site's k rule (:func:`suppress_small_groups`)."""
     s = make_settings(settings)
     say = progress or log.info
     t0 = time.perf_counter()
@@ -857,6 +897,7 @@ def evaluate_site(components: Any, dataset_cfg: DatasetConfig, *,
     (t, entry), = entries.items()
     if "all" not in entry["skipped"]:
         entry["skipped"]["type_recognised"] = SITE_TYPE_NOTE
+    suppress_small_groups(entry, min_group)
     td = types[t]
     return {
         "kind": "medisyn-site-evaluation", "version": EVAL_VERSION, "created": _now(),

@@ -27,6 +27,9 @@ def main(grid: Grid, context: Context) -> None:
     if str(context.run_config.get("mode", "train")) == "audit":
         _audit(grid, context, cfg)
         return
+    if str(context.run_config.get("mode", "train")) == "evaluate":
+        _evaluate(grid, context, cfg)
+        return
     resume = bool(context.run_config.get("resume", False))
     attempt = str(context.run_config.get("attempt", ""))
     # One ServerApp per run directory: a ServerApp orphaned by a crashed coordinator
@@ -58,3 +61,22 @@ def _audit(grid: Grid, context: Context, cfg) -> None:  # noqa: ANN001
             AuditProgress(req.out_dir, attempt).status(Outcome.FAILED, message=f"{type(e).__name__}: {e}")
             raise
     logger.info("audit finished: %s", outcome)
+
+
+def _evaluate(grid: Grid, context: Context, cfg) -> None:  # noqa: ANN001
+    """``mode = "evaluate"``: the federated evaluation of the run's final model
+    (``medisyn.server.evaluate``)."""
+    from medisyn.server.audit import AuditProgress
+    from medisyn.server.evaluate import EvaluateRequest, run_evaluate
+    from medisyn.server.federation import Outcome, run_dir_lock
+
+    req = EvaluateRequest.model_validate_json(Path(str(context.run_config["evaluate-request"])).read_text())
+    attempt = str(context.run_config.get("attempt", ""))
+    with run_dir_lock(cfg.run_dir):
+        try:
+            outcome = run_evaluate(grid, cfg, req, attempt=attempt)
+        except BaseException as e:
+            logger.exception("evaluation failed")
+            AuditProgress(req.out_dir, attempt).status(Outcome.FAILED, message=f"{type(e).__name__}: {e}")
+            raise
+    logger.info("evaluation finished: %s", outcome)

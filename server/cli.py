@@ -89,5 +89,33 @@ def audit(
     raise typer.Exit(run_audit_command(req, echo=typer.echo))
 
 
+@app.command(help=(
+    "Federated evaluation of a finished run: every site builds RUN_DIR/model from a Flower "
+    "query, generates N images per label of its own image type, measures them against its own "
+    "data (label alignment, TSTR vs real, FD/KID, precision/recall, density/coverage, "
+    "near-duplicates, each with its real floor) and answers with aggregates only; writes "
+    "OUT/evaluation.{json,html}. Exit codes: 0 every site evaluated; 1 report written, some "
+    "site refused or failed; 2 config error; 3 no sites; 5 internal error; 130 interrupted."))
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="RUN_DIR of a finished `medisyn-server start` run")],
+    out: Annotated[Path | None, typer.Option("--out", help="Report directory (default RUN_DIR/evaluation).")] = None,
+    n_per_label: Annotated[int, typer.Option("--n-per-label", min=1, max=1024, help="Images each site generates per label.")] = 64,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampling steps.")] = 20,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = 3.0,
+    seed: Annotated[int, typer.Option("--seed", help="First sampling seed (also the classifiers' seed).")] = 0,
+    classifier_steps: Annotated[int, typer.Option("--classifier-steps", min=1, help="Steps of each site classifier (the encoder CNN gets a third more).")] = 300,
+    timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers.")] = 3600.0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show debug logs.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from medisyn.server.evaluate import EvaluateRequest, run_evaluate_command
+
+    run = run.resolve()
+    req = EvaluateRequest(run_dir=run, out_dir=(out or run / "evaluation").resolve(), n_per_label=n_per_label,
+                          steps=steps, guidance=guidance, seed=seed, classifier_steps=classifier_steps,
+                          encoder_steps=max(1, classifier_steps * 4 // 3), timeout=timeout)
+    raise typer.Exit(run_evaluate_command(req, echo=typer.echo))
+
+
 def main() -> None:
     app()
