@@ -1,8 +1,8 @@
 """The audit's own settings (``[audit]`` table of a site TOML) and the views it builds.
 
-``SiteConfig`` forbids unknown tables, so until the lead wires ``audit: AuditConfig`` into
-``SiteConfig``, :func:`load_site` reads the ``[audit]`` table itself and validates the rest
-with ``SiteConfig`` (paths resolved exactly like ``load_site_config``).
+``SiteConfig.audit`` holds the ``[audit]`` table as parsed (the core does not import the
+audit package); :func:`audit_config` is the one place that types and validates it, and
+:func:`load_site` reads a site TOML once into both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from medisyn.config import SiteConfig, load_site_config, read_toml, validate
+from medisyn.config import SiteConfig, load_site_config, validate
 from medisyn.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,22 +85,18 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(old)
 
 
+def audit_config(site: SiteConfig, base: Path | None = None, *, source: str = "[audit]") -> AuditConfig:
+    """The site's ``[audit]`` table as :class:`AuditConfig` (defaults where absent): the one
+    reader. ``base``: the site TOML's directory, for relative ``local_embedders``."""
+    audit = validate(AuditConfig, site.audit or {}, source)
+    return _resolve_audit(audit, Path(base)) if base is not None else audit
+
+
 def load_site(path: Path) -> tuple[SiteConfig, AuditConfig]:
-    """A site TOML -> (SiteConfig, AuditConfig); ``[audit]`` is optional."""
+    """A site TOML -> (SiteConfig, AuditConfig), parsed once; ``[audit]`` is optional."""
     path = Path(path)
-    data = read_toml(path)
-    audit_data = data.pop("audit", None)
-    audit = validate(AuditConfig, audit_data or {}, f"{path} [audit]")
-    if audit_data is None:
-        return load_site_config(path), _resolve_audit(audit, path.parent.resolve())
-    cfg: SiteConfig = validate(SiteConfig, data, str(path))
-    base = path.parent.resolve()
-    sd = cfg.site.state_dir
-    cfg = cfg.model_copy(update={
-        "dataset": cfg.dataset.resolved(base),
-        "site": cfg.site.model_copy(update={"state_dir": sd if sd.is_absolute() else (base / sd).resolve()}),
-    })
-    return cfg, _resolve_audit(audit, base)
+    site = load_site_config(path)
+    return site, audit_config(site, path.parent.resolve(), source=f"{path} [audit]")
 
 
 def _resolve_audit(a: AuditConfig, base: Path) -> AuditConfig:

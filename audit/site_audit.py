@@ -634,8 +634,10 @@ def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | No
         syn = load_synthetic_dir(Path(str(config["synthetic_dir"])))
     else:
         raise DataError("audit query carries no synthetic images ('synthetic' or 'synthetic_dir')")
-    if audit_config is None and isinstance(getattr(site, "audit", None), Mapping):
-        audit_config = AuditConfig(**site.audit)  # type: ignore[arg-type]
+    if audit_config is None:
+        from medisyn.audit.settings import audit_config as site_audit_config
+
+        audit_config = site_audit_config(site)
     mh = config.get("model_hash")
     return audit_synthetic_at_site(site, syn, components,
                                    privacy=privacy if privacy is not None else site_privacy(site),

@@ -337,7 +337,7 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         prompts = sorted(set(label_prompts(site.dataset).values()))
         return {"prompts": prompts, "image-type": site.dataset.image_type}
     from medisyn.audit import site_query
-    from medisyn.audit.settings import load_site
+    from medisyn.audit.settings import audit_config
 
     if synthetic is None:
         raise ConfigError("the copy-detection query carries no synthetic images")
@@ -365,8 +365,8 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         verify_synthetic(components, synthetic, str(config.get("synthetic-meta", "[]")),
                          str(config.get("generation", "")), sample=sample,
                          tolerance=site.privacy.audit_verify_tolerance, site_id=site.site.id)
-    # the site's [audit] table (thresholds, views, encoder settings) from its own TOML
-    audit_cfg = load_site(Path(site_path))[1] if site_path is not None else None
+    # the site's [audit] table (thresholds, views, encoder settings), as read with its config
+    audit_cfg = audit_config(site, Path(site_path).resolve().parent if site_path is not None else None)
     return dict(site_query(site, {k: v for k, v in config.items() if k in ("audit", "model_hash")},
                            components, audit_config=audit_cfg, synthetic=synthetic))
 

@@ -279,3 +279,19 @@ def test_audit_query_with_a_real_image_slipped_in_is_refused(tmp_path, client_ap
     assert "refused" in reason and "is not what the model makes" in reason and "00001" in reason, reason
     (reply,) = grid.replies
     assert fed.reply_error(reply)[0] == "policy-refused"
+
+
+def test_audit_table_is_typed_in_one_place(tmp_path):
+    """[audit] is read with the site config (one TOML parse) and typed by one function."""
+    from medisyn.audit.settings import audit_config, load_site
+
+    from medisyn.errors import ConfigError
+
+    site, nodes = _site(tmp_path, "[audit]\nn_plant = 20\nlocal_embedders = [\"enc\"]\n")
+    toml = Path(nodes[1000]["site-config"])
+    got = audit_config(site, toml.parent)
+    assert got == load_site(toml)[1] and got.n_plant == 20
+    assert got.local_embedders == [(toml.parent / "enc").resolve()]
+    bad, _ = _site(tmp_path / "bad", "[audit]\nn_plants = 20\n")
+    with pytest.raises(ConfigError, match="n_plants"):
+        audit_config(bad)
