@@ -9,7 +9,9 @@ on Ctrl-C. The lead mounts it as ``medisyn demo [--out DIR] [--quick]``.
 One site trains under DP-SGD (``dp_site``). The demo ends with the release audit
 (``medisyn.server.audit``): K images per prompt go to every site in a Flower ``query``,
 each site audits them against its own data, and the release report is written to
-``OUT/release/``.
+``OUT/release/``; then the federated evaluation (``medisyn.server.evaluate``): each site
+measures the model's images against its own data and ``OUT/evaluation/`` gets the joined
+report (one line per image type is printed).
 """
 
 from __future__ import annotations
@@ -141,6 +143,35 @@ def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: 
     return grids
 
 
+# The federated evaluation sized for the demo on 2 shared cores (`medisyn-server evaluate`
+# defaults: 64 images per label, 300 classifier steps).
+DEMO_EVALUATION = {
+    True: {"n_per_label": 4, "steps": 10, "classifier_steps": 60, "encoder_steps": 80, "gallery_per_prompt": 4},
+    False: {"n_per_label": 16, "steps": 20, "classifier_steps": 150, "encoder_steps": 200, "gallery_per_prompt": 8},
+}
+
+
+def run_demo_evaluation(run_dir: Path, out_dir: Path, quick: bool, *, echo: Callable[[str], None],
+                        superlink: object) -> int:
+    """The federated evaluation of the demo's final model (every site, its own data)."""
+    from medisyn.server.evaluate import EvaluateRequest, run_evaluate_command
+
+    echo("evaluating the model at every site on its own data ...")
+    req = EvaluateRequest(run_dir=run_dir, out_dir=out_dir, timeout=1800, **DEMO_EVALUATION[quick])
+    code = run_evaluate_command(req, echo=echo, superlink=superlink)
+    if code not in (0, 1):  # 0/1: the report was written (every site / some sites evaluated)
+        raise SupervisorError(f"the federated evaluation failed (exit {code})", ExitCode(code))
+    return code
+
+
+def evaluation_lines(out_dir: Path) -> list[str]:
+    """One line per image type from ``OUT/evaluation.json``."""
+    from medisyn.evaluation_report import summary_lines
+
+    p = Path(out_dir) / "evaluation.json"
+    return summary_lines(json.loads(p.read_text())) if p.is_file() else []
+
+
 def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
              sites: Sequence[str] = DEMO_SITES, dp_site: str | None = "breast-us") -> int:
     """Run the whole demo; returns an exit code (0 on success, see ``ExitCode``)."""
@@ -180,6 +211,10 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
                 if audit_code not in (0, 1):  # 0/1: the report was written (gate pass/fail)
                     raise SupervisorError(f"the release audit failed (exit {audit_code})", ExitCode(audit_code))
                 t_audit = time.time() - t0 - t_fed
+                evaluation = out_dir / "evaluation"
+                eval_code = run_demo_evaluation(cfg.run_dir, evaluation, quick, echo=echo,
+                                                superlink=server.superlink)
+                t_eval = time.time() - t0 - t_fed - t_audit
                 for s in supervisors:
                     s.stop()
                 supervisors = []
@@ -192,6 +227,9 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
                     "audit_seconds": round(t_audit, 1),
                     "release_report": str(release / "release_report.html"),
                     "release_gate_passed": audit_code == 0,
+                    "evaluation_seconds": round(t_eval, 1),
+                    "evaluation_report": str(evaluation / "evaluation.html"),
+                    "evaluation_all_sites": eval_code == 0,
                     "peak_rss_bytes": rss.peak,
                     "model": str(cfg.run_dir / "model"),
                     "metrics": str(cfg.run_dir / "metrics.jsonl"),
@@ -210,6 +248,9 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
                 echo(f"site configs and site state:     {out_dir / 'sites'}")
                 echo(f"release report:                  {summary['release_report']}  "
                      f"(gate {'PASS' if audit_code == 0 else 'FAIL'})")
+                echo(f"evaluation report:               {summary['evaluation_report']}")
+                for line in evaluation_lines(evaluation):
+                    echo(f"  {line}")
                 echo(f"wall time {summary['wall_seconds']} s, peak RSS of all demo processes "
                      f"{rss.peak / 2**30:.2f} GiB; summary: {out_dir / 'demo-summary.json'}")
         except SupervisorError as e:
