@@ -106,7 +106,7 @@ def site_groups(prompts: Sequence[str], dataset: Any) -> list[str]:
     """
     from medisyn.data import label_prompts
 
-    by_prompt = {}
+    by_prompt: dict[str, str] = {}
     for lid, prompt in sorted(label_prompts(dataset).items()):
         words = dataset.labels.get(lid) if lid else None
         by_prompt.setdefault(prompt, f"{dataset.image_type}: {words}" if words else dataset.image_type)

@@ -82,7 +82,7 @@ def model_fingerprint(config: Mapping[str, Any], *arrays: Any) -> str:
 
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape};".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.data.cast("B"))
     return h.hexdigest()
 
 

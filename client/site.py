@@ -5,8 +5,11 @@ of the site's TOML; ``state-dir``), never from the run config: the data, the sta
 directory and the site's privacy policy are the site's. The server only says which
 stage, round and how many local steps.
 
-What leaves the site: the trained weights of the stage, scalar metrics and the site id.
-Errors are re-raised with a message naming the site and with every file path removed.
+What leaves the site: the trained weights of the stage, scalar metrics and the site id
+(the full list, and what DP covers: docs/privacy.md). Before any site data is read, the
+site's policy (``medisyn.client.policy.SitePolicy``) checks and counts the task from the
+site's own state. Errors are re-raised as :class:`SiteError` with a wire code, the site
+id and a message with every file path removed (the ClientApp answers a coded error).
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     # it: a freshly built one marks keys as defaults, and a sampling scheduler made from it
     # then takes its own defaults (e.g. timestep_spacing), so the same weights and seed
     # would generate other images than the coordinator's (the audit verifies them).
-    sched = components.noise_scheduler
+    sched: Any = components.noise_scheduler
     components.noise_scheduler = type(sched).from_config(
         {k: v for k, v in sched.config.items() if k != "_use_default_values"})
 

@@ -217,7 +217,9 @@ class DPSession:
             )
         self.sample_rate = min(1.0, self.batch_size / n)
         self.expected_batch_size = max(1, round_half_even(n * self.sample_rate))
-        self.delta = ledger.delta
+        if ledger.delta is None:  # a ledger opened without the record count (a reader's)
+            raise ConfigError("DPSession needs a ledger with δ pinned: open it with n_records")
+        self.delta: float = ledger.delta
         self.max_grad_norm = float(privacy.max_grad_norm)
         self.noise_multiplier = resolve_noise_multiplier(
             privacy,
