@@ -563,6 +563,7 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
         prompts = {str(r["id"]): str(r["prompt"]) for r in rows}
         gen = json.loads(generation)
         steps, guidance, scheduler = int(gen["steps"]), float(gen["guidance"]), str(gen["scheduler"])
+        grey_types = {str(t) for t in gen.get("grey_types", [])}
     except (ValueError, KeyError, TypeError) as e:
         raise refuse(f"the images cannot be verified: the query needs a seed per image and the "
                      f"sampler settings ({type(e).__name__}: {e})") from None
@@ -584,7 +585,7 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
         if nxt == seed + 1:
             continue
         made = generate(components, [items[k2][2] for _, k2 in run], n_per_prompt=1, seed=run[0][0],
-                        steps=steps, guidance=guidance, scheduler=scheduler)
+                        steps=steps, guidance=guidance, scheduler=scheduler, grey_types=grey_types)
         for (_, k2), g in zip(run, made, strict=True):
             sid, got, _ = items[k2]
             want = np.asarray(g.image.convert("L") if got.ndim == 2 else g.image.convert("RGB"))

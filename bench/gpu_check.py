@@ -435,7 +435,7 @@ def _dp_compare(ctx: dict, *, batch_size: int, mp: str, warm: int, steps: int) -
     from medisyn.config import PrivacyConfig, TrainConfig
     from medisyn.models import build_components
     from medisyn.privacy.dp import DPSession
-    from medisyn.train import _ShuffledBatches, make_objective
+    from medisyn.train import ShuffledBatches, make_objective
 
     dev = ctx["dev"]
     c = build_components(ctx["model_cfg"], seed=0)
@@ -453,7 +453,7 @@ def _dp_compare(ctx: dict, *, batch_size: int, mp: str, warm: int, steps: int) -
     # plain: the loop of train_local (shuffled batches, clip_grad_norm_, AdamW)
     params = [p for p in plain.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = _ShuffledBatches(n, batch_size, 0)
+    sampler = ShuffledBatches(n, batch_size, 0)
     gen = torch.Generator().manual_seed(0)
 
     def plain_step(i):

@@ -335,10 +335,13 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
             f"audit {audit!r} is not allowed by the site's policy (allowed: {site.privacy.allowed_audits})"
         )
     if audit == "prompts":
-        from medisyn.data import label_prompts
+        from medisyn.data import label_prompts, read_raw, source_channels
 
         prompts = sorted(set(label_prompts(site.dataset).values()))
-        return {"prompts": prompts, "image-type": site.dataset.image_type}
+        # grey (1) or colour (3): the coordinator then generates channel-equal images for a
+        # grey type; a property of the dataset's format, not of any record
+        return {"prompts": prompts, "image-type": site.dataset.image_type,
+                "channels": source_channels(read_raw(site.dataset))}
     from medisyn.audit import site_query
     from medisyn.audit.settings import audit_config
 

@@ -105,7 +105,7 @@ def train(
 ) -> None:
     """Train on one or more datasets on this machine (stage vae, then unet)."""
     from medisyn.config import config_hash, load_dataset_config
-    from medisyn.data import ConcatImageDataset, load_dataset
+    from medisyn.data import ConcatImageDataset, image_type_info, load_dataset
     from medisyn.models import build_components, load_components, save_components, set_latent_scale
     from medisyn.train import train_local
 
@@ -125,6 +125,7 @@ def train(
         raise ConfigError(f"--stage unet needs a model with a trained VAE in {model_dir}; run --stage vae first")
     else:
         components = build_components(model_cfg, seed=train_cfg.seed)
+    components.image_types = {**components.image_types, **image_type_info(parts)}
     out.mkdir(parents=True, exist_ok=True)
     resolved = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
                 "data": [str(p.resolve()) for p in data], "stages": stages, "steps": steps}

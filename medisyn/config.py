@@ -53,6 +53,9 @@ class DatasetConfig(_Frozen):
     resolution: int | None = Field(default=None, ge=8, le=1024)
     # DICOM only: window centre/width; min-max scaling when absent.
     window: tuple[float, float] | None = None
+    # Horizontal flips as training augmentation. Off by default: a mirrored chest X-ray
+    # is not a valid chest X-ray. Turn on where anatomy allows (skin, breast, fundus).
+    hflip: bool = False
 
     @field_validator("caption")
     @classmethod
@@ -77,18 +80,25 @@ class DatasetConfig(_Frozen):
 
 
 class VAEConfig(_Frozen):
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    """The tiny preset's autoencoder. Two blocks = downsampling factor f = 2 (32 px -> a
+    16x16x4 latent): an 8x8 latent (f = 4) lost the detail that carries labels
+    (docs/quality.md)."""
+
+    block_out_channels: tuple[int, ...] = (16, 32)
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8
+    # Self-attention in the VAE's mid block: 6x the cost of a step at 32 px for no
+    # measurable gain in reconstruction at f = 2 (docs/quality.md).
+    mid_block_attention: bool = False
 
 
 class UNetConfig(_Frozen):
-    block_out_channels: tuple[int, ...] = (64, 128)
+    block_out_channels: tuple[int, ...] = (64, 128, 256)
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 16
-    cross_attention: tuple[bool, ...] = (True, True)
+    cross_attention: tuple[bool, ...] = (False, True, True)
 
 
 class ModelConfig(_Frozen):
@@ -107,7 +117,10 @@ class ModelConfig(_Frozen):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     sd_path: Path | None = None
     lora_rank: int = Field(default=0, ge=0)  # 0: train the full UNet
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    # squaredcos_cap_v2 (cosine) reaches pure noise at t = T; SD's scaled_linear leaves
+    # signal there, which small models then fail to remove at sampling time.
+    beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
 
     @model_validator(mode="after")
@@ -136,7 +149,17 @@ class TrainConfig(_Frozen):
     vae_lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-2, ge=0)
     caption_dropout: float = Field(default=0.1, ge=0, le=1)
-    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    # EMA of the trained weights (diffusers' EMAModel with warm-up, so short federated
+    # rounds average over their own last steps); None turns it off.
+    ema_decay: float | None = Field(default=0.999, gt=0, lt=1)
+    # Min-SNR-gamma loss weighting (Hang et al. 2023) for the UNet; None: plain MSE.
+    snr_gamma: float | None = Field(default=5.0, gt=0)
+    # Batches drawn with P(prompt) proportional to count**balance_power: 1 = natural
+    # frequencies, 0 = uniform over prompts (rare labels drawn as often as common ones).
+    # Non-DP training only: DP-SGD keeps Poisson sampling, which its accounting assumes.
+    balance_power: float = Field(default=0.5, ge=0, le=1)
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_clip: float | None = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = False

@@ -36,7 +36,12 @@ class Generated:
 def sampling_scheduler(c: Components, name: str):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    cfg = c.noise_scheduler.config
+    # Explicit, whatever the model's saved scheduler says: "trailing" spacing starts
+    # sampling at t = T (pure noise under the cosine schedule); a model built in memory
+    # and the same model loaded from disk then sample identically (the audit's
+    # regeneration check relies on it).
+    cfg = {k: v for k, v in c.noise_scheduler.config.items() if not k.startswith("_")}
+    cfg.update(timestep_spacing="trailing", steps_offset=0)
     if name == "dpm":
         return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
     if name == "ddim":
@@ -58,13 +63,20 @@ def generate(
     scheduler: str = "dpm",
     batch_size: int = 16,
     progress: bool = False,
+    grey_types: set[str] | None = None,
 ) -> list[Generated]:
-    """Generate ``n_per_prompt`` images for every prompt, in order."""
+    """Generate ``n_per_prompt`` images for every prompt, in order.
+
+    A prompt that names a grey image type (``grey_types``, default: the types the model
+    was trained on whose data is grey, from ``components.image_types``) gives a
+    channel-equal image (its luminance), as its dataset says, never a colour cast.
+    """
     if n_per_prompt < 1:
         raise ConfigError(f"n must be >= 1, got {n_per_prompt}")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     device = next(components.unet.parameters()).device
+    grey = grey_types if grey_types is not None else grey_image_types(components)
     pipe = pipeline_from(components, scheduler=sampling_scheduler(components, scheduler))
     pipe.set_progress_bar_config(disable=not progress)
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(n_per_prompt))]
@@ -88,8 +100,21 @@ def generate(
             output_type="pil",
         ).images
         for i, ((p, s), im) in enumerate(zip(chunk, images, strict=True)):
+            if is_grey_prompt(p, grey):
+                im = im.convert("L").convert("RGB")
             out.append(Generated(image=im, prompt=p, seed=s, index=start + i))
     return out
+
+
+def grey_image_types(components: Components) -> set[str]:
+    """Image types the model learnt from grey data (``medisyn.json`` ``image_types``)."""
+    return {t for t, info in components.image_types.items() if int(info.get("channels", 3)) == 1}
+
+
+def is_grey_prompt(prompt: str, grey_types: set[str]) -> bool:
+    """Does ``prompt`` name one of ``grey_types`` (case-insensitive, as a whole phrase)?"""
+    low = prompt.lower()
+    return any(re.search(rf"(^|[^a-z0-9]){re.escape(t.lower())}($|[^a-z0-9])", low) for t in grey_types)
 
 
 def _slug(text: str) -> str:

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,35 @@ def _dataset_images(dataset: Dataset, limit: int | None = None) -> torch.Tensor:
     return images[:n]
 
 
+def _dataset_flips(dataset: Dataset) -> torch.Tensor:
+    """Per record: may it be flipped horizontally ([dataset].hflip); False if unknown."""
+    flips = getattr(dataset, "hflip", None)
+    if flips is None:
+        return torch.zeros(len(dataset), dtype=torch.bool)
+    return torch.as_tensor(flips, dtype=torch.bool)
+
+
+def _dataset_prompts(dataset: Dataset) -> list[str]:
+    if hasattr(dataset, "prompts"):
+        return list(dataset.prompts)
+    return [dataset[i]["prompt"] for i in range(len(dataset))]
+
+
+def _coin(b: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.rand(b, generator=gen) < 0.5).to(device)
+
+
 class VAEObjective:
-    """Reconstruction MSE + a small KL term; records are model-space images."""
+    """Reconstruction MSE + a small KL term; records are (image, may-flip)."""
 
     def __init__(self, c: Components, dataset: Dataset, config: TrainConfig, device: torch.device):
         self.c, self.config, self.device = c, config, device
-        self.records = (_dataset_images(dataset),)
+        self.records = (_dataset_images(dataset), _dataset_flips(dataset))
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
-        x = batch[0].to(self.device)
+        x, may_flip = batch[0].to(self.device), batch[1].to(self.device)
+        flip = may_flip & _coin(len(x), gen, self.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         posterior = module.encode(x).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=gen).to(self.device)
         z = posterior.mean + posterior.std * eps
@@ -82,34 +103,50 @@ class VAEObjective:
 
 
 class UNetObjective:
-    """Noise-prediction MSE on latents of the frozen VAE, text-conditioned."""
+    """Text-conditioned denoising on latents of the frozen VAE.
+
+    Records: latent mean/std of each image and of its mirror image (both precomputed
+    once with the frozen VAE), whether it may be flipped, and its prompt's index into
+    a cached table of prompt embeddings. The loss is the scheduler's prediction target
+    (epsilon or v) with min-SNR-gamma weighting when ``snr_gamma`` is set.
+    """
 
     def __init__(self, c: Components, dataset: Dataset, config: TrainConfig, device: torch.device):
         self.c, self.config, self.device = c, config, device
         images = _dataset_images(dataset)
-        prompts = list(dataset.prompts) if hasattr(dataset, "prompts") else [dataset[i]["prompt"] for i in range(len(dataset))]
+        flips = _dataset_flips(dataset)
+        prompts = _dataset_prompts(dataset)
         self.vocab = sorted(set(prompts)) + [""]
         index = {p: i for i, p in enumerate(self.vocab)}
         self.uncond = len(self.vocab) - 1
         self.embeddings = c.prompt_encoder.encode(self.vocab, device=device)
+        mean, std = self._encode(images)
+        if bool(flips.any()):
+            mean_f, std_f = self._encode(images.flip(-1))
+        else:  # nothing may flip: the mirror slots are never read
+            mean_f, std_f = mean, std
+        self.records = (mean, std, mean_f, std_f, flips, torch.tensor([index[p] for p in prompts], dtype=torch.long))
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.c.vae.to(self.device).eval()
         means, stds = [], []
-        c.vae.to(device).eval()
-        with torch.no_grad():
-            for chunk in images.split(256):
-                dist = c.vae.encode(chunk.to(device)).latent_dist
-                means.append(dist.mean.float().cpu())
-                stds.append(dist.std.float().cpu())
-        self.records = (
-            torch.cat(means),
-            torch.cat(stds),
-            torch.tensor([index[p] for p in prompts], dtype=torch.long),
-        )
+        for chunk in images.split(256):
+            dist = vae.encode(chunk.to(self.device)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+        return torch.cat(means), torch.cat(stds)
+
+    @property
+    def prompt_index(self) -> torch.Tensor:
+        return self.records[-1]
 
     def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
-        mean, std, pidx = (t.to(self.device) for t in batch)
+        mean, std, mean_f, std_f, may_flip, pidx = (t.to(self.device) for t in batch)
         b = mean.shape[0]
-        scale = self.c.scaling_factor
-        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(self.device)) * scale
+        flip = (may_flip & _coin(b, gen, self.device))[:, None, None, None]
+        mean, std = torch.where(flip, mean_f, mean), torch.where(flip, std_f, std)
+        latents = (mean + std * torch.randn(mean.shape, generator=gen).to(self.device)) * self.c.scaling_factor
         drop = torch.rand(b, generator=gen).to(self.device) < self.config.caption_dropout
         pidx = torch.where(drop, torch.full_like(pidx, self.uncond), pidx)
         emb = self.embeddings[pidx]
@@ -119,8 +156,24 @@ class UNetObjective:
         noisy = sched.add_noise(latents, noise, t)
         with _autocast(self.device, self.config.mixed_precision):
             pred = module(noisy, t, encoder_hidden_states=emb).sample
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+        v_pred = sched.config.prediction_type == "v_prediction"
+        target = sched.get_velocity(latents, noise, t) if v_pred else noise
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        gamma = self.config.snr_gamma
+        if gamma is not None:
+            snr = _snr(sched, t)
+            clipped = torch.clamp(snr, max=gamma)
+            # min-SNR-gamma (Hang et al. 2023): expressed for the v or epsilon target
+            weight = clipped / (snr + 1) if v_pred else clipped / snr.clamp(min=1e-8)
+            per_sample = per_sample * weight
+        return per_sample.mean()
+
+
+def _snr(sched, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps ``t``."""
+    from diffusers.training_utils import compute_snr
+
+    return compute_snr(sched, t.cpu()).to(t.device).float()
 
 
 def make_objective(c: Components, dataset: Dataset, stage: Stage, config: TrainConfig, device: torch.device):
@@ -131,26 +184,10 @@ def make_objective(c: Components, dataset: Dataset, stage: Stage, config: TrainC
     raise ConfigError(f"unknown stage {stage!r}; use 'vae' or 'unet'")
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- batch sources
 
 
-class _EMA:
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            p.copy_(s)
-
-
-class _ShuffledBatches:
+class ShuffledBatches:
     """Epoch-wise shuffled batches, a pure function of (seed, step): resume-safe."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
@@ -166,6 +203,100 @@ class _ShuffledBatches:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
+class BalancedBatches:
+    """Batches drawn with P(prompt) proportional to count**power, then a record of that
+    prompt uniformly: ``power = 0`` draws every prompt (label) equally often, ``1`` is the
+    natural frequency. With replacement, a pure function of (seed, step): resume-safe."""
+
+    def __init__(self, prompt_index: torch.Tensor, batch_size: int, seed: int, power: float):
+        counts = torch.bincount(prompt_index).double()
+        per_prompt = counts.clamp(min=1).pow(power)
+        per_prompt = torch.where(counts > 0, per_prompt, torch.zeros_like(per_prompt))
+        p_prompt = per_prompt / per_prompt.sum()
+        self.weights = (p_prompt / counts.clamp(min=1))[prompt_index]
+        self.batch_size, self.seed = min(batch_size, len(prompt_index)), seed
+
+    def batch(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + 104729 * step)
+        return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+
+
+def batch_source(objective, config: TrainConfig, seed: int):
+    """The non-DP batch source: label-balanced for the UNet (``balance_power`` < 1), else
+    shuffled epochs."""
+    n = len(objective.records[0])
+    if isinstance(objective, UNetObjective) and config.balance_power < 1:
+        return BalancedBatches(objective.prompt_index, config.batch_size, seed, config.balance_power)
+    return ShuffledBatches(n, config.batch_size, seed)
+
+
+def _lr_lambda(config: TrainConfig, steps: int):
+    warm = config.lr_warmup_steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if config.lr_schedule == "cosine" and steps > warm:
+            progress = min(1.0, (step - warm) / max(1, steps - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class EMAHook:
+    """diffusers' ``EMAModel`` with warm-up (decay 1 - (1+step)^-2/3, capped at
+    ``ema_decay``): a 150-step federated round averages over its own last ~30 steps, a
+    long central run over the last ~1/(1-decay)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        from diffusers.training_utils import EMAModel
+
+        self.params = params
+        self.ema = EMAModel(params, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+
+    def after_step(self, step: int) -> None:
+        self.ema.step(self.params)
+
+    def finish(self) -> None:
+        self.ema.copy_to(self.params)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"ema.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.ema.shadow_params)}
+        out["ema.step"] = torch.tensor(self.ema.optimization_step)
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, s in enumerate(self.ema.shadow_params):
+            s.copy_(tensors[f"ema.{i}"])
+        self.ema.optimization_step = int(tensors["ema.step"]) if "ema.step" in tensors else 0
+
+
+class ProximalHook:
+    """FedProx's proximal term ``mu/2 * ||w - w_start||^2`` (w_start: the round's global model)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], mu: float):
+        self.params, self.mu = params, mu
+        self.anchor = [p.detach().clone() for p in params]
+
+    def on_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss + 0.5 * self.mu * sum((p - a).pow(2).sum() for p, a in zip(self.params, self.anchor, strict=True))
+
+
+class CheckpointHook:
+    def __init__(self, directory: Path | None, every: int, steps: int, save: Any):
+        self.directory, self.every, self.steps, self.save = directory, every, steps, save
+
+    def after_step(self, step: int) -> None:
+        if self.directory is None or not self.every:
+            return
+        if step % self.every == 0 or step == self.steps:
+            self.save(self.directory, step)
+
+
 def _seed_for(config: TrainConfig, round: int, site_id: str) -> int:
     import zlib
 
@@ -176,7 +307,7 @@ def _seed_for(config: TrainConfig, round: int, site_id: str) -> int:
 
 
 def _save_checkpoint(directory: Path, *, step: int, module: torch.nn.Module, optimizer, gen: torch.Generator,
-                     ema: _EMA | None, meta: dict[str, Any]) -> None:
+                     ema: EMAHook | None, meta: dict[str, Any]) -> None:
     """Atomic checkpoint: weights + optimizer tensors as safetensors, the rest as JSON."""
     from safetensors.torch import save_file
 
@@ -191,8 +322,7 @@ def _save_checkpoint(directory: Path, *, step: int, module: torch.nn.Module, opt
                 t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
                 tensors[f"opt.{pid}.{name}"] = t.detach().cpu().contiguous()
         if ema is not None:
-            for i, s in enumerate(ema.shadow):
-                tensors[f"ema.{i}"] = s.detach().cpu().contiguous()
+            tensors.update(ema.state())
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "checkpoint.json").write_text(
             json.dumps({"step": step, "param_groups": opt["param_groups"], **meta}, indent=2, default=str)
@@ -212,7 +342,7 @@ def _save_checkpoint(directory: Path, *, step: int, module: torch.nn.Module, opt
 
 
 def _load_checkpoint(directory: Path, *, module: torch.nn.Module, optimizer, gen: torch.Generator,
-                     ema: _EMA | None) -> int:
+                     ema: EMAHook | None) -> int:
     from safetensors.torch import load_file
 
     info = json.loads((directory / "checkpoint.json").read_text())
@@ -226,9 +356,82 @@ def _load_checkpoint(directory: Path, *, module: torch.nn.Module, optimizer, gen
             state.setdefault(int(pid), {})[name] = val
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
     if ema is not None:
-        for i, s in enumerate(ema.shadow):
-            s.copy_(tensors[f"ema.{i}"])
+        ema.load(tensors)
     return int(info["step"])
+
+
+# --------------------------------------------------------------------------- steppers
+
+
+class PlainStepper:
+    """Non-DP steps: a batch from the (balanced or shuffled) source, backward, clip, step."""
+
+    def __init__(self, objective, optimizer, params, config: TrainConfig, seed: int, scheduler):
+        self.objective, self.optimizer, self.params, self.config = objective, optimizer, params, config
+        self.source, self.scheduler = batch_source(objective, config, seed), scheduler
+        self.extra: dict[str, float] = {}
+
+    def next_batch(self, step: int):
+        idx = self.source.batch(step)
+        return tuple(r[idx] for r in self.objective.records)
+
+    def apply(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def empty_step(self) -> None:  # never: shuffled/balanced batches are never empty
+        raise AssertionError("non-DP batch sources do not yield empty batches")
+
+    def close(self) -> None:
+        pass
+
+
+class DPStepper:
+    """DP-SGD steps through the site's privacy session (Opacus Poisson batches, per-sample
+    clipping, noise, the on-disk ledger)."""
+
+    def __init__(self, objective, module, optimizer, *, gen, start, steps, config, privacy, ledger_path, site_id,
+                 run_id, round, stage):
+        from medisyn.privacy.dp import DPSession
+
+        if ledger_path is None:
+            raise ConfigError("DP training needs the site's state directory for its privacy ledger")
+        self.objective = objective
+        self.session = DPSession(
+            module, optimizer, TensorDataset(*objective.records), batch_size=config.batch_size, privacy=privacy,
+            state_dir=Path(ledger_path), site_id=site_id, stage=stage, run_id=run_id, round=round,
+            planned_steps=steps - start, seed=int(gen.initial_seed()),
+        )
+        try:
+            self.session.check_budget()
+            self._batches = self.session.batches()
+        except BaseException:
+            self.session.close()
+            raise
+
+    def next_batch(self, step: int):
+        batch = next(self._batches)
+        return None if self.session.is_empty(batch) else tuple(batch)
+
+    def apply(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.session.step()
+
+    def empty_step(self) -> None:
+        self.session.noise_only_step()
+
+    def close(self) -> None:
+        self.session.close()
+
+    @property
+    def extra(self) -> dict[str, float]:
+        s = self.session
+        return {"epsilon": s.epsilon, "delta": s.delta, "noise-multiplier": s.noise_multiplier,
+                "sample-rate": s.sample_rate}
 
 
 # --------------------------------------------------------------------------- training
@@ -253,21 +456,32 @@ def train_local(
 ) -> TrainResult:
     """Train ``stage`` for ``steps`` optimizer steps on ``dataset``; see module docstring.
 
-    With ``privacy.dp`` the steps are DP-SGD steps (Poisson sampling, per-sample
-    clipping, noise) and the site's ledger at ``ledger_path`` (a state directory) is
-    restored first, checked against ``max_epsilon`` (``PrivacyBudgetError`` before any
-    step) and updated as steps are taken.
+    The loop is built from named parts: an objective (the stage's loss), a stepper (plain
+    label-balanced batches, or DP-SGD's Poisson batches through the site's ledger) and
+    hooks (EMA, FedProx's proximal term, periodic checkpoints).
 
-    ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2`` (the
-    weights this call started from, i.e. the global model of the round).
+    With ``privacy.dp`` the steps are DP-SGD steps and the site's ledger at
+    ``ledger_path`` (a state directory) is restored first, checked against
+    ``max_epsilon`` (``PrivacyBudgetError`` before any step) and updated as steps are
+    taken. Without DP, a site whose ledger exists records the steps as non-private
+    (ε = ∞ from then on).
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
     if len(dataset) == 0:
         raise ConfigError("the training dataset is empty")
+    if proximal_mu < 0:
+        raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu}")
     dp = privacy is not None and privacy.dp
     if privacy is not None and privacy.require_dp and not dp:
         raise ConfigError("site policy requires DP (privacy.require_dp) but DP is off")
+    if dp and proximal_mu > 0:
+        raise ConfigError("FedProx's proximal term is not supported with DP-SGD at a site; use FedAvg")
+    if dp and config.gradient_checkpointing:
+        raise ConfigError(
+            "DP-SGD cannot be combined with gradient checkpointing: Opacus then gets no "
+            "per-sample gradients for checkpointed blocks. Set train.gradient_checkpointing = false."
+        )
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device()
@@ -281,81 +495,69 @@ def train_local(
     c.vae.to(device)
     module.to(device)
     objective = make_objective(c, dataset, stage, config, device)
-    if config.gradient_checkpointing:
-        if dp:
-            raise ConfigError(
-                "DP-SGD cannot be combined with gradient checkpointing: Opacus then gets no "
-                "per-sample gradients for checkpointed blocks. Set train.gradient_checkpointing = false."
-            )
-        if hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
+    if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"stage {stage!r} has no trainable parameters")
     lr = config.vae_lr if stage == "vae" else config.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    ema = _EMA(params, config.ema_decay) if config.ema_decay else None
-    if proximal_mu < 0:
-        raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu}")
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-
-    def proximal(loss: torch.Tensor) -> torch.Tensor:
-        if anchor is None:
-            return loss
-        return loss + 0.5 * proximal_mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+    ema = EMAHook(params, config.ema_decay) if config.ema_decay else None
+    proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
 
     start = 0
     ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
     if resume and ckpt is not None and (ckpt / "checkpoint.json").is_file():
         start = _load_checkpoint(ckpt, module=module, optimizer=optimizer, gen=gen, ema=ema)
         log.info("resumed stage %s at step %d from %s", stage, start, ckpt)
+    meta = {"stage": stage, "steps": steps, "config": config.model_dump(mode="json")}
+    hooks: list[Any] = [h for h in (ema, CheckpointHook(
+        ckpt, config.checkpoint_every, steps,
+        lambda d, s: _save_checkpoint(d, step=s, module=module, optimizer=optimizer, gen=gen, ema=ema, meta=meta),
+    )) if h is not None]
+
+    if dp:
+        stepper: PlainStepper | DPStepper = DPStepper(
+            objective, module, optimizer, gen=gen, start=start, steps=steps, config=config, privacy=privacy,
+            ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
+    else:
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps), last_epoch=-1)
+        with warnings.catch_warnings():  # resume: the schedule is a pure function of the step
+            warnings.simplefilter("ignore")
+            for _ in range(start):
+                lr_sched.step()
+        stepper = PlainStepper(objective, optimizer, params, config, seed, lr_sched)
 
     losses: list[float] = []
     seen = 0
-    extra: dict[str, float] = {}
     t0 = time.perf_counter()
     bar = _progress(steps, start, stage, progress)
     try:
-        if dp:
-            if anchor is not None:
-                raise ConfigError("FedProx's proximal term is not supported with DP-SGD at a site; use FedAvg")
-            extra = _train_dp(
-                objective, module, optimizer, params, gen, start=start, steps=steps, config=config,
-                privacy=privacy, ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round,
-                stage=stage, losses=losses, bar=bar, ema=ema,
-                on_step=lambda s: _maybe_checkpoint(ckpt, s, steps, config, module, optimizer, gen, ema, stage),
-            )
-            seen = int(extra.pop("_seen", 0))
-        else:
-            n = len(objective.records[0])
-            sampler = _ShuffledBatches(n, config.batch_size, seed)
-            for step in range(start, steps):
-                idx = sampler.batch(step)
-                batch = tuple(r[idx] for r in objective.records)
+        for step in range(start, steps):
+            batch = stepper.next_batch(step)
+            if batch is None:
+                stepper.empty_step()
+            else:
                 loss = objective.loss(module, batch, gen)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                proximal(loss).backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update()
+                stepper.apply(proximal.on_loss(loss) if proximal is not None else loss)
                 losses.append(float(loss.detach()))
-                seen += len(idx)
-                bar.update(1)
-                if step % config.log_every == 0:
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                _maybe_checkpoint(ckpt, step + 1, steps, config, module, optimizer, gen, ema, stage)
+                seen += len(batch[0])
+            for h in hooks:
+                h.after_step(step + 1)
+            bar.update(1)
+            if losses and step % config.log_every == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
         bar.close()
+        stepper.close()
     seconds = time.perf_counter() - t0
     if not dp and privacy is not None and ledger_path is not None and steps > start:
         _record_non_private(privacy, Path(ledger_path), site_id, stage, run_id, round, steps - start, len(dataset))
     if ema is not None:
-        ema.copy_to()
+        ema.finish()
     module.eval()
     tail = losses[-max(1, len(losses) // 5):] if losses else []
     metrics: dict[str, float] = {
@@ -365,7 +567,7 @@ def train_local(
         "steps": float(steps - start),
         "seconds": seconds,
         "images-per-s": seen / seconds if seconds > 0 else 0.0,
-        **extra,
+        **stepper.extra,
     }
     if stage == "vae":
         metrics["latent-std"] = latent_std(c, dataset, device=device)
@@ -385,56 +587,10 @@ def _record_non_private(privacy, state_dir: Path, site_id, stage, run_id, round,
     log.warning("site %s trained %d steps without DP; its ledger now reports ε = inf", site_id, steps)
 
 
-def _maybe_checkpoint(ckpt, step, steps, config, module, optimizer, gen, ema, stage) -> None:
-    if ckpt is None or not config.checkpoint_every:
-        return
-    if step % config.checkpoint_every == 0 or step == steps:
-        _save_checkpoint(ckpt, step=step, module=module, optimizer=optimizer, gen=gen, ema=ema,
-                         meta={"stage": stage, "steps": steps, "config": config.model_dump(mode="json")})
-
-
 def _progress(total: int, start: int, stage: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc=f"train {stage}", unit="step", disable=not enabled, leave=False)
-
-
-def _train_dp(objective, module, optimizer, params, gen, *, start, steps, config, privacy, ledger_path, site_id,
-              run_id, round, stage, losses, bar, ema, on_step) -> dict[str, float]:
-    """DP-SGD steps through the site's privacy session (Opacus + the on-disk ledger)."""
-    from medisyn.privacy.dp import DPSession
-
-    if ledger_path is None:
-        raise ConfigError("DP training needs the site's state directory for its privacy ledger")
-    records = TensorDataset(*objective.records)
-    session = DPSession(
-        module, optimizer, records, batch_size=config.batch_size, privacy=privacy, state_dir=Path(ledger_path),
-        site_id=site_id, stage=stage, run_id=run_id, round=round, planned_steps=steps - start, seed=int(gen.initial_seed()),
-    )
-    seen = 0
-    try:
-        session.check_budget()
-        batches = session.batches()
-        for step in range(start, steps):
-            batch = next(batches)
-            if session.is_empty(batch):
-                session.noise_only_step()
-            else:
-                loss = objective.loss(module, tuple(batch), gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
-                loss.backward()
-                session.step()
-                losses.append(float(loss.detach()))
-                seen += len(batch[0])
-            if ema is not None:
-                ema.update()
-            bar.update(1)
-            on_step(step + 1)
-    finally:
-        session.close()
-    return {"epsilon": session.epsilon, "delta": session.delta, "noise-multiplier": session.noise_multiplier,
-            "sample-rate": session.sample_rate, "_seen": float(seen)}
 
 
 # --------------------------------------------------------------------------- evaluation

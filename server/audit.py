@@ -141,7 +141,7 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     from medisyn.audit import build_release_report
     from medisyn.audit.report import SiteAggregate, assert_shareable
 
-    from medisyn.generate import generate, write_generated
+    from medisyn.generate import generate, grey_image_types, write_generated
     from medisyn.models import model_hash
     from medisyn.wire import IMAGES, pack_images
 
@@ -166,6 +166,7 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     node_sites: dict[int, str] = {}
 
     # 1. prompts
+    grey_types: set[str] = set()
     if req.prompts:
         prompts = sorted(set(req.prompts))
         progress(f"{len(prompts)} prompt(s) given: generating {req.n_per_prompt} image(s) each")
@@ -176,6 +177,9 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         for site, err in pr_errors.items():
             progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
         prompts = sorted({str(p) for r in pr_results.values() for p in r.get("prompts", [])})
+        # a site whose data is grey gets channel-equal images for its type (as its data says)
+        grey_types |= {str(r["image-type"]) for r in pr_results.values()
+                       if r.get("channels") == 1 and isinstance(r.get("image-type"), str)}
         if not prompts:
             msg = "no prompts: no site answered the prompts query and none were given (--prompt)"
             progress.status(Outcome.FAILED, message=msg)
@@ -188,7 +192,8 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     comps = model.components
     mhash = model_hash(model_dir)
     t0 = time.time()
-    items = generate(comps, prompts, n_per_prompt=req.n_per_prompt, seed=req.seed, steps=req.steps,
+    grey_types |= grey_image_types(comps)
+    items = generate(comps, prompts, n_per_prompt=req.n_per_prompt, seed=req.seed, steps=req.steps, grey_types=grey_types,
                      guidance=req.guidance, scheduler=req.scheduler)
     syn_dir = out / "synthetic"
     shutil.rmtree(syn_dir, ignore_errors=True)
@@ -206,7 +211,8 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         row["seed"] = int(g.seed)
     config: dict[str, Any] = {
         "audit": "copy-detection", "model_hash": mhash, "synthetic-meta": json.dumps(rows),
-        "generation": json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler}),
+        "generation": json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler,
+                                  "grey_types": sorted(grey_types)}),
     }
     arrays = frozen = None
     if req.send_model:

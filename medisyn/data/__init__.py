@@ -7,9 +7,11 @@ from medisyn.data.dataset import (
     build_prompt,
     check_dataset,
     collate,
+    image_type_info,
     label_prompts,
     load_dataset,
     read_raw,
+    source_channels,
     to_model_space,
 )
 from medisyn.data.formats import RawData
@@ -22,8 +24,10 @@ __all__ = [
     "build_prompt",
     "check_dataset",
     "collate",
+    "image_type_info",
     "label_prompts",
     "load_dataset",
     "read_raw",
+    "source_channels",
     "to_model_space",
 ]

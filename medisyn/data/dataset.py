@@ -133,6 +133,16 @@ class ImageDataset(Dataset):
     def prompts(self) -> list[str]:
         return [self.raw.prompts[j] for j in self.idx]
 
+    @property
+    def source_channels(self) -> int:
+        """1 if the site's images are grey (as stored, or ``[dataset].channels = 1``), else 3."""
+        return source_channels(self.raw)
+
+    @property
+    def hflip(self) -> torch.Tensor:
+        """Per record: may training flip it horizontally ([dataset].hflip)."""
+        return torch.full((len(self.idx),), bool(self.raw.config.hflip))
+
     def train_view(self) -> ImageDataset:
         return ImageDataset(self.raw, resolution=self.resolution, channels=self.channels, splits=self.raw.config.split.train)
 
@@ -160,6 +170,30 @@ class ConcatImageDataset(Dataset):
     @property
     def prompts(self) -> list[str]:
         return [p for part in self.parts for p in part.prompts]
+
+    @property
+    def hflip(self) -> torch.Tensor:
+        return torch.cat([p.hflip for p in self.parts])
+
+
+def source_channels(raw: RawData) -> int:
+    """1 if a dataset is grey (every image H×W, or ``[dataset].channels = 1``), else 3."""
+    if raw.config.channels is not None:
+        return int(raw.config.channels)
+    return 1 if all(img.ndim == 2 for img in raw.images) else 3
+
+
+def image_type_info(parts: list[ImageDataset]) -> dict[str, dict[str, Any]]:
+    """What a model trained on ``parts`` should know about each image type: its specialty,
+    whether its images are grey (``channels``: generation then outputs channel-equal
+    images), and its label prompts."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        cfg = part.raw.config
+        entry = out.setdefault(cfg.image_type, {"specialty": cfg.specialty, "channels": 1, "prompts": []})
+        entry["channels"] = max(entry["channels"], part.source_channels)
+        entry["prompts"] = sorted(set(entry["prompts"]) | set(label_prompts(cfg).values()))
+    return out
 
 
 def load_dataset(

@@ -20,8 +20,9 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +45,9 @@ class Components:
     noise_scheduler: object
     config: ModelConfig
     prompt_encoder: PromptEncoder
+    # image type -> {"specialty", "channels" (1: grey, generated channel-equal), "prompts"};
+    # saved in medisyn.json (see medisyn.data.image_type_info)
+    image_types: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def latent_channels(self) -> int:
@@ -65,7 +69,7 @@ def _noise_scheduler(cfg: ModelConfig):
 
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule="scaled_linear",
+        beta_schedule=cfg.beta_schedule,
         beta_start=0.00085,
         beta_end=0.012,
         prediction_type=cfg.prediction_type,
@@ -92,6 +96,7 @@ def build_tiny(cfg: ModelConfig, *, seed: int = 0) -> Components:
         norm_num_groups=v.norm_num_groups,
         sample_size=cfg.resolution,
         scaling_factor=1.0,
+        mid_block_add_attention=v.mid_block_attention,
     )
     u = cfg.unet
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
@@ -277,6 +282,8 @@ def save_components(c: Components, directory: Path, *, extra: dict | None = None
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
         meta = {"model": c.config.model_dump(mode="json"), **(extra or {})}
+        if c.image_types and "image_types" not in meta:
+            meta["image_types"] = c.image_types
         (tmp / MEDISYN_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         old = None
         if directory.exists():
@@ -313,7 +320,9 @@ def load_components(directory: Path) -> Components:
         cfg = ModelConfig.model_validate(meta["model"])
     else:
         cfg = ModelConfig(preset="sd", sd_path=directory, resolution=int(pipe.unet.config.sample_size) * pipe.vae_scale_factor)
-    return _sd_components(pipe, cfg, pipe.tokenizer, pipe.text_encoder, pipe.scheduler)
+    comps = _sd_components(pipe, cfg, pipe.tokenizer, pipe.text_encoder, pipe.scheduler)
+    comps.image_types = dict(meta.get("image_types") or {})
+    return comps
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
