@@ -94,7 +94,7 @@ class VAEConfig(_Frozen):
 
 
 class UNetConfig(_Frozen):
-    block_out_channels: tuple[int, ...] = (64, 128, 256)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 16
