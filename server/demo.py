@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -86,22 +86,33 @@ DEMO_AUDIT = {
 
 
 def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_SITES,
-                       dp_site: str | None = None, quick: bool = False) -> dict[str, Path]:
-    """One ``site.toml`` per demo site, pointing at the vendored data."""
+                       dp_site: str | None = None, quick: bool = False,
+                       datasets: Mapping[str, str] | None = None,
+                       privacy: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """One ``site.toml`` per demo site, pointing at the vendored data.
+
+    ``datasets``: per site, the ``[dataset]`` table's TOML text to use instead of the
+    vendored sample (e.g. a full dataset, ``bench/study.py``); ``privacy``: per site, the
+    ``[privacy]`` table's TOML text (overrides ``dp_site``)."""
     assets = demo_assets()
     paths: dict[str, Path] = {}
     for site in sites:
         d = out_dir / "sites" / site
         d.mkdir(parents=True, exist_ok=True)
-        dataset = (assets / site / "dataset.toml").read_text()
-        dataset = dataset.replace('path = "dataset.npz"', f"path = {json.dumps((assets / site / 'dataset.npz').as_posix())}")
-        privacy = ""
-        if site == dp_site:
+        if datasets is not None and site in datasets:
+            dataset = datasets[site]
+        else:
+            dataset = (assets / site / "dataset.toml").read_text()
+            dataset = dataset.replace('path = "dataset.npz"', f"path = {json.dumps((assets / site / 'dataset.npz').as_posix())}")
+        site_privacy = ""
+        if privacy is not None and site in privacy:
+            site_privacy = privacy[site]
+        elif site == dp_site:
             # DP-SGD at this site: σ = 1 over the demo's plan stays far below the cap
             # (bench/results/dp_overhead.json: ε ≈ 3.3–4.3 for 3–4 rounds of 20 steps).
-            privacy = "[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 10.0\naccountant = \"rdp\"\n"
+            site_privacy = "[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 10.0\naccountant = \"rdp\"\n"
         (d / "site.toml").write_text(
-            f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{dataset}\n{privacy}\n'
+            f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{dataset}\n{site_privacy}\n'
             f'[superlink]\naddress = "127.0.0.1:{port}"\ninsecure = true\n\n{DEMO_AUDIT[quick]}'
         )
         paths[site] = d / "site.toml"
@@ -170,6 +181,40 @@ def evaluation_lines(out_dir: Path) -> list[str]:
 
     p = Path(out_dir) / "evaluation.json"
     return summary_lines(json.loads(p.read_text())) if p.is_file() else []
+
+
+def run_federation(cfg: FederationConfig, site_paths: Mapping[str, Path], *,
+                   echo: Callable[[str], None] = print, threads_per_site: int = 1) -> int:
+    """Train ``cfg`` with a real ``flower-superlink`` and one real ``flower-supernode`` per
+    site config in ``site_paths`` (written by :func:`write_site_configs` for
+    ``cfg.superlink.port``), all on this machine: the demo's federation without the audit
+    and the evaluation (``bench/study.py`` uses it). Every process it starts is stopped
+    before it returns, also on Ctrl-C. Returns the run's exit code (``ExitCode``; 0: the
+    global model is in ``cfg.run_dir/model``)."""
+    from medisyn.client.supervisor import SiteSupervisor
+
+    server = ServerSupervisor(cfg, echo=echo)
+    supervisors: list = []
+    threads = str(max(1, int(threads_per_site)))
+    with sigterm_as_interrupt():
+        try:
+            server.prepare()
+            server.start_superlink()
+            for p in site_paths.values():
+                supervisors.append(SiteSupervisor(p, extra_env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                                                  echo=echo).start())
+            server.submit()
+            return int(server.watch())
+        except SupervisorError as e:
+            echo(f"error: {e}")
+            return int(e.code)
+        except KeyboardInterrupt:
+            echo("interrupted: stopping every federation process")
+            return int(ExitCode.INTERRUPTED)
+        finally:
+            for s in supervisors:
+                s.stop()
+            server.close()
 
 
 def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
