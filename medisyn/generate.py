@@ -41,7 +41,7 @@ def sampling_scheduler(c: Components, name: str):
     # and the same model loaded from disk then sample identically (the audit's
     # regeneration check relies on it).
     cfg = {k: v for k, v in c.noise_scheduler.config.items() if not k.startswith("_")}
-    cfg.update(timestep_spacing="trailing", steps_offset=0)
+    cfg.update(timestep_spacing="trailing")
     if name == "dpm":
         return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++")
     if name == "ddim":

@@ -117,6 +117,7 @@ class UNetObjective:
         flips = _dataset_flips(dataset)
         prompts = _dataset_prompts(dataset)
         self.vocab = sorted(set(prompts)) + [""]
+        c.prompt_encoder.check_prompts(self.vocab[:-1])
         index = {p: i for i, p in enumerate(self.vocab)}
         self.uncond = len(self.vocab) - 1
         self.embeddings = c.prompt_encoder.encode(self.vocab, device=device)

@@ -82,6 +82,29 @@ class PromptEncoder:
                 self._cache[p] = h.float().cpu()
         return torch.stack([self._cache[p] for p in prompts]).to(device)
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Refuse prompts that the tokenizer's length limit makes identical.
+
+        Prompts longer than ``max_tokens`` are cut; if two distinct prompts then read the
+        same (e.g. two grades whose prompts differ only in the last word), the model cannot
+        tell them apart: raise :class:`ConfigError` naming the prompts and the length they need.
+        """
+        from medisyn.errors import ConfigError
+
+        limit = int(self.tokenizer.model_max_length)
+        full = {p: self.tokenizer(p, truncation=False)["input_ids"] for p in sorted(set(prompts))}
+        cut: dict[tuple[int, ...], list[str]] = {}
+        for p, ids in full.items():
+            key = tuple(ids[:limit - 1]) if len(ids) > limit else tuple(ids)
+            cut.setdefault(key, []).append(p)
+        clashes = [ps for ps in cut.values() if len(ps) > 1]
+        if clashes:
+            need = max(len(full[p]) for ps in clashes for p in ps)
+            raise ConfigError(
+                f"prompts {clashes[0][:3]} become identical when cut to max_tokens = {limit} tokens; "
+                f"set [model] max_tokens >= {need}"
+            )
+
     @property
     def dim(self) -> int:
         return int(self.text_encoder.config.hidden_size)
