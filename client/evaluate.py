@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 QUERY = "evaluate"
 MAX_N_PER_LABEL = 1024  # what a site generates per label for one query, at most
-# settings a server may set; the rest (threads) is the site's
+# settings a server may set; the rest (threads, workers) is the site's and ignored
 SERVER_SETTINGS = ("n_per_label", "seed", "steps", "guidance", "scheduler", "batch_size", "resolution",
                    "classifier_steps", "encoder_steps", "classifier_batch", "classifier_lr",
                    "classifier_width", "k", "near_duplicate_threshold", "real_fraction")
@@ -37,7 +37,7 @@ SERVER_SETTINGS = ("n_per_label", "seed", "steps", "guidance", "scheduler", "bat
 
 def evaluation_settings(config: Mapping[str, Any]):
     """The settings of the query (``config["evaluation"]``: JSON), checked and capped."""
-    from medisyn.evaluation import make_settings
+    from medisyn.evaluation import EvaluationSettings, make_settings
 
     raw = config.get("evaluation", "{}")
     try:
@@ -46,7 +46,7 @@ def evaluation_settings(config: Mapping[str, Any]):
         raise ConfigError(f"the evaluate query's settings are not valid JSON: {e}") from None
     if not isinstance(asked, dict):
         raise ConfigError("the evaluate query's settings must be a JSON object")
-    unknown = sorted(set(asked) - set(SERVER_SETTINGS) - {"threads", "gallery_per_prompt"})
+    unknown = sorted(set(asked) - set(EvaluationSettings.model_fields))  # the others are the site's own
     if unknown:
         raise ConfigError(f"the evaluate query asks for unknown setting(s) {unknown}")
     s = make_settings({k: v for k, v in asked.items() if k in SERVER_SETTINGS})

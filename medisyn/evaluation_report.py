@@ -73,27 +73,23 @@ def _ref(entry: Mapping[str, Any], key: str, pair: str | None) -> Any:
 # --------------------------------------------------------------------------- pictures
 
 
-def grid_png(images: Sequence[np.ndarray], ncols: int = 8, scale: int = 3) -> str | None:
-    """uint8 images (H×W or H×W×C; sizes may differ: each is fitted to the first) -> one
-    base64 PNG grid."""
+def grid_png(images: Sequence[np.ndarray], ncols: int = 8, cell: int = 84) -> str | None:
+    """uint8 images (H×W or H×W×C, any size) -> one base64 PNG grid, every image shown at
+    ``cell`` px (nearest neighbour), so generated and real images compare at one size."""
     from PIL import Image
 
     if not images:
         return None
-    pil = []
-    for a in images:
+    ncols = max(1, min(ncols, len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    pad = 1
+    grid = Image.new("RGB", (ncols * (cell + pad), nrows * (cell + pad)), "white")
+    for i, a in enumerate(images):
         a = np.asarray(a)
         if a.ndim == 3 and a.shape[-1] == 1:
             a = a[..., 0]
-        pil.append(Image.fromarray(a.astype(np.uint8)).convert("RGB"))
-    w, h = pil[0].size
-    ncols = max(1, min(ncols, len(pil)))
-    nrows = math.ceil(len(pil) / ncols)
-    pad = 1
-    grid = Image.new("RGB", (ncols * (w * scale + pad), nrows * (h * scale + pad)), "white")
-    for i, im in enumerate(pil):
-        im = im.resize((w * scale, h * scale), Image.Resampling.NEAREST)
-        grid.paste(im, ((i % ncols) * (w * scale + pad), (i // ncols) * (h * scale + pad)))
+        im = Image.fromarray(a.astype(np.uint8)).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+        grid.paste(im, ((i % ncols) * (cell + pad), (i // ncols) * (cell + pad)))
     buf = io.BytesIO()
     grid.save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode()

@@ -123,6 +123,15 @@ def test_classifier_recipe_is_seeded_balanced_and_learns():
     for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(p1, p2)
     assert (predict(m1, x) == y.numpy()).mean() > 0.95
+    # trained two at a time (threads) or one after the other: the same weights
+    from medisyn.evaluation import train_many
+
+    jobs = {s: (lambda s=s: train_classifier(x, y, 2, steps=20, seed=s)) for s in (3, 4)}
+    par, seq = train_many(jobs, workers=2), train_many(jobs, workers=1)
+    assert torch.equal(next(par[3].parameters()), next(m1.parameters())) is False  # 20 vs 60 steps
+    for s in (3, 4):
+        for p1, p2 in zip(par[s].parameters(), seq[s].parameters(), strict=True):
+            assert torch.equal(p1, p2)
     assert embed(m1, x).shape == (120, 64)
     rot = train_classifier(x, torch.zeros(120, dtype=torch.long), 1, steps=5, seed=0, rotations=True,
                            hflip=False)
