@@ -634,7 +634,7 @@ def _type_entry(td: TypeData) -> dict[str, Any]:
     return {
         "image_type": td.image_type, "specialty": td.specialty, "labels": list(td.labels),
         "prompts": dict(zip(td.labels, td.prompts, strict=True)),
-        "n_train": int(len(td.x_train)), "n_holdout": int(len(td.x_hold)),
+        "n_train": int(len(td.x_train)), "n_holdout": int(len(td.x_hold)), "hflip": td.hflip,
         "metrics": {}, "floors": {},
         "per_label": {lab: {"metrics": {}, "floors": {}, "n_train": int((td.y_train == c).sum()),
                             "n_holdout": int((td.y_hold == c).sum())} for c, lab in enumerate(td.labels)},

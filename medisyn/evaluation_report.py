@@ -224,7 +224,8 @@ def render_html(result: Mapping[str, Any], gallery: Mapping[str, Any] | None = N
                        f'guidance {s.get("guidance")}'),
         ("classifiers", f'small CNN (width {s.get("classifier_width")}), {s.get("classifier_steps")} steps '
                         f'(encoder {s.get("encoder_steps")}), batch {s.get("classifier_batch")} label-balanced, '
-                        f'lr {s.get("classifier_lr")}, horizontal flips, seed {result.get("seed")}, CPU'),
+                        f'lr {s.get("classifier_lr")}, horizontal flips where [dataset].hflip allows them, '
+                        f'seed {result.get("seed")}, CPU'),
         ("evaluation space", f'{s.get("resolution")} px RGB in [-1, 1] (grey repeated to 3 channels)'),
         ("encoder (feature space)", result.get("encoder_description")),
         ("k-NN metrics", f'k = {s.get("k")}; reference: the real held-out images of the type'),
