@@ -382,3 +382,22 @@ def test_federated_evaluation_in_process(tmp_path):
         assert_shareable(json.loads(text))
     # the site kept a record of what it answered
     assert list((tmp_path / "sites" / "breast-us" / "state" / "evaluation").glob("answered-*.json"))
+
+
+def test_join_lists_a_shared_type_once_per_site_and_names_missing_sites():
+    from medisyn.evaluation import join_site_evaluations
+    from medisyn.evaluation_report import render_html
+
+    def site(t: str, fd: float) -> dict:
+        return {"kind": "medisyn-site-evaluation", "image_type": t, "model_hash": "m", "data_hash": "d" * 64,
+                "encoder": "label", "timings": {"total_seconds": 1.0}, "warnings": [],
+                "type": {"image_type": t, "labels": ["a"], "metrics": {"fd": fd}, "floors": {"fd": 0.1},
+                         "per_label": {}, "skipped": {}, "n_synthetic": 8}}
+
+    j = join_site_evaluations({"s1": site("chest", 1.0), "s2": site("chest", 2.0), "s3": site("skin", 3.0)},
+                              site_errors={"s4": "refused"}, model_hash="m", expected_sites=["s1", "s2", "s3", "s4", "s5"])
+    assert set(j["types"]) == {"chest @ s1", "chest @ s2", "skin"}
+    assert j["types"]["chest @ s2"]["metrics"]["fd"] == 2.0 and j["types"]["skin"]["site"] == "s3"
+    assert j["site_errors"] == {"s4": "refused", "s5": "did not answer"}
+    page = render_html(j)
+    assert "chest @ s1" in page and "s5" in page and "did not answer" in page
