@@ -902,7 +902,7 @@ def suppress_small_groups(entry: dict[str, Any], k: int) -> None:
     the synthetic images alone stay); per type: everything measured on the held-out split."""
     if k <= 1:
         return
-    for lab, pl in entry.get("per_label", {}).items():
+    for pl in entry.get("per_label", {}).values():
         if min(int(pl.get("n_holdout", 0)), int(pl.get("n_train", 0))) < k:
             pl["metrics"] = {m: v for m, v in pl.get("metrics", {}).items() if m not in FIDELITY}
             pl["floors"] = {}

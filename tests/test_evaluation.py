@@ -259,6 +259,7 @@ def test_site_evaluation_is_shareable_and_keeps_small_groups(tmp_path):
     classifier as encoder, a shareable aggregate; the k rule keeps small label groups' real
     statistics at the site."""
     from medisyn.audit.report import assert_shareable
+
     from medisyn.evaluation import evaluate_site
 
     cfg = demo_cfg("breast-us")
