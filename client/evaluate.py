@@ -92,10 +92,19 @@ def evaluate_query(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
         if meta is not None and isinstance(meta["image_types"], dict) and hasattr(components, "image_types"):
             # what the model knows of its image types (e.g. grey ones generate grey), as on disk
             components.image_types = dict(meta["image_types"])
+    # the site's own type: grey data -> channel-equal images (a federated model's meta may
+    # not know its types); the answer says so, and the coordinator's gallery matches it
+    from medisyn.data import read_raw, source_channels
+
+    channels = source_channels(read_raw(site.dataset))
+    if hasattr(components, "image_types") and site.dataset.image_type not in components.image_types:
+        components.image_types = {**components.image_types, site.dataset.image_type: {"channels": channels}}
     mh = config.get("model_hash")
     result = evaluate_site(components, site.dataset, settings=settings, site_id=site.site.id,
                            model_hash=None if mh is None else str(mh), model_meta=meta,
                            min_group=min_group, progress=lambda m: logger.info("evaluate: %s", m))
+    if isinstance(result.get("type"), dict):
+        result["type"]["channels"] = int(channels)
     assert_shareable(result, forbidden=[str(site.dataset.path), str(site.site.state_dir),
                                         str(Path(site.dataset.path).parent)])
     _keep_local_copy(site, result)

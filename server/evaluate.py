@@ -104,7 +104,7 @@ def _gallery(comps: Any, results: dict[str, dict[str, Any]], req: EvaluateReques
     ``seed + i * n_per_label + j``); real images stay at the sites."""
     import numpy as np
 
-    from medisyn.generate import generate
+    from medisyn.generate import generate, grey_image_types
 
     out: dict[str, Any] = {}
     g = min(req.gallery_per_prompt, req.n_per_label)
@@ -121,8 +121,10 @@ def _gallery(comps: Any, results: dict[str, dict[str, Any]], req: EvaluateReques
             p = prompts.get(lab)
             if not isinstance(p, str):
                 continue
+            grey = {str(entry.get("image_type"))} if entry.get("channels") == 1 else set()
             items = generate(comps, [p], n_per_prompt=g, seed=req.seed + i * req.n_per_label, steps=req.steps,
-                             guidance=req.guidance, scheduler=req.scheduler, batch_size=64)
+                             guidance=req.guidance, scheduler=req.scheduler, batch_size=64,
+                             grey_types=grey | grey_image_types(comps))
             per[lab] = {"prompt": p, "synthetic": [np.asarray(x.image) for x in items], "real": [],
                         "real_note": f"real images stay at site {site}"}
         out[keys[site]] = per
