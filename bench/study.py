@@ -105,7 +105,7 @@ def dataset_toml(site: str, data_root: Path) -> str:
     if old not in text:
         raise SystemExit(f"error: {DEMO / site / 'dataset.toml'}: no line {old!r} to point at {path}")
     text = text.replace(old, f"path = {json.dumps(path.as_posix())}")
-    text = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#"))
+    text = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#") and not ln.startswith("hflip"))
     return (f"# bench/study.py: site {site!r}, the full shared training data ({SHARED[site]})\n"
             + text.strip() + f"\nhflip = {'true' if HFLIP[site] else 'false'}\n")
 
