@@ -597,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--vae-steps", type=int, default=200, help="VAE optimizer steps of the central arm")
     ap.add_argument("--batch", type=int, default=64, help="batch size of every arm (DP: expected batch)")
     ap.add_argument("--rounds", type=int, default=4, help="federated UNet rounds")
-    ap.add_argument("--vae-rounds", type=int, default=1, help="federated VAE rounds")
+    ap.add_argument("--vae-rounds", type=int, default=3, help="federated VAE rounds (one long round leaves an averaged VAE that does not reconstruct: docs/quality.md)")
     ap.add_argument("--n-per-label", type=int, default=64, help="images generated per label for the evaluation")
     ap.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the evaluation")
     ap.add_argument("--guidance", type=float, default=3.0)
