@@ -127,8 +127,9 @@ def run_medisyn(work: Path, *, sites: list[str], rounds: int, local_steps: int) 
     from medisyn.server.config import FederationConfig
     from medisyn.server.demo import write_site_configs
     from medisyn.server.federation import iter_metrics
-    from medisyn.procs import free_port
     from medisyn.server.supervisor import ServerSupervisor
+
+    from medisyn.procs import free_port
 
     port = free_port()
     paths = write_site_configs(work, port, sites=sites)

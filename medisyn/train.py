@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from medisyn.config import PrivacyConfig, Stage, TrainConfig

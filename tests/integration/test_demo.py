@@ -10,6 +10,7 @@ import os
 import subprocess
 
 import pytest
+
 from medisyn.procs import child_env, executable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from medisyn.server.config import FederationConfig
 from medisyn.server.federation import iter_metrics, read_status
+
 from medisyn.procs import child_env, executable, free_port
 
 pytestmark = pytest.mark.integration
