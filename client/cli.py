@@ -22,10 +22,15 @@ def _root() -> None:
     """Connect a site to a MediSyn federation."""
 
 
-@app.command(help="Validate the site and keep its Flower SuperNode running (restarted if it dies). " + EXIT_HELP)
+@app.command(help="Validate the site and keep its Flower SuperNode and its ClientApp worker running "
+                  "(each restarted if it dies). The site runs only the medisyn ClientApp it installed. " + EXIT_HELP)
 def start(
     site: Annotated[Path, typer.Option("--site", "-s", help="site.toml")],
     debug: Annotated[bool, typer.Option("--debug")] = False,
+    isolation: Annotated[str, typer.Option(
+        "--isolation", help="process (default): a site-owned worker runs only the installed medisyn "
+        "ClientApp and refuses any other app bundle. subprocess: Flower's default, the SuperNode runs "
+        "whatever ClientApp the coordinator's bundle names (debugging only).")] = "process",
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from medisyn.client.supervisor import check_site, run_site
@@ -34,7 +39,10 @@ def start(
     if code:
         typer.echo(f"error: {report.get('error')}", err=True)
         raise typer.Exit(code)
-    raise typer.Exit(run_site(site, echo=typer.echo))
+    if isolation not in ("process", "subprocess"):
+        typer.echo(f"error: --isolation {isolation!r}: use 'process' or 'subprocess'", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(run_site(site, echo=typer.echo, isolation=isolation))
 
 
 @app.command(help="Check the site's data and privacy policy without connecting. " + EXIT_HELP)

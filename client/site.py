@@ -152,10 +152,10 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     """Build the model the server describes (``model-config``) and load the weights it sent."""
     import torch
     from medisyn.client.policy import SitePolicy
+    from medisyn.client.warm import WARM
 
     from medisyn.config import ModelConfig
     from medisyn.models import (
-        build_components,
         load_trainable_state,
         set_latent_scale,
         trainable_state,
@@ -165,7 +165,9 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     policy.check_model_size(_message_parameters(arrays, frozen))
     model_cfg = ModelConfig.model_validate_json(str(config["model-config"]))
     stage = str(config["stage"])
-    components = build_components(model_cfg, seed=int(config.get("seed", 0)))
+    # a fresh trainable copy of the model; the template (and the text encoder with its
+    # prompt-embedding cache) stays warm in a long-lived worker (medisyn.client.warm)
+    components = WARM.components(model_cfg, int(config.get("seed", 0)))
     policy.check_model_size(sum(p.numel() for m in (components.unet, components.vae) for p in m.parameters()))
     # Make the scheduler config explicit, as the coordinator's model loaded from disk has
     # it: a freshly built one marks keys as defaults, and a sampling scheduler made from it
@@ -198,11 +200,13 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
 
 def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
                     frozen: np.ndarray | None, *, holdout: bool):
-    from medisyn.data import load_dataset
+    from medisyn.client.warm import WARM
 
     components, model_cfg, stage = _components(site, config, arrays, frozen)
     split = site.dataset.split.holdout if holdout else site.dataset.split.train
-    dataset = load_dataset(site.dataset, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=split)
+    # decoded tensors kept warm, keyed by the dataset config and the data files' contents
+    dataset = WARM.dataset(site.dataset, resolution=model_cfg.resolution, channels=model_cfg.channels,
+                           splits=list(split))
     if len(dataset) == 0:
         which = "held-out" if holdout else "training"
         raise ConfigError(f"the site has no {which} records (splits {split})")

@@ -1,15 +1,27 @@
-"""``medisyn-client``: validate a site, and keep its ``flower-supernode`` running.
+"""``medisyn-client``: validate a site, and keep its ``flower-supernode`` and its
+ClientApp worker running.
 
 The SuperNode gets the site's settings only through ``--node-config`` (the site config
 path and state directory); the ClientApp reads data, state and policy from there.
-``FLWR_HOME`` is the site's ``state_dir/flwr-home``; logs go to ``state_dir/logs``.
+``FLWR_HOME`` is the site's ``state_dir/flwr-home``; logs go to ``state_dir/logs``
+(``supernode.log``, ``worker.log``).
+
+By default (``isolation="process"``) the SuperNode runs with ``--isolation process`` and
+a SuperExec auth secret (``state_dir/superexec.secret``, mode 0600, new at every start):
+it launches no app itself, and only the site's own worker (``medisyn.client.worker``),
+which holds the secret, claims its tasks and runs the installed medisyn ClientApp; any
+other app bundle is refused. ``isolation="subprocess"`` is Flower's default (the SuperNode
+runs whatever ClientApp the submitted bundle names) and is for debugging only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import signal
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,7 +49,37 @@ def node_config_arg(entries: Mapping[str, str]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in entries.items())
 
 
-def supernode_argv(site: SiteConfig, site_path: Path, runtime_port: int) -> list[str]:
+ISOLATIONS = ("process", "subprocess")
+SECRET_NAME = "superexec.secret"
+
+
+def write_secret(state_dir: Path) -> Path:
+    """A fresh random SuperExec auth secret in ``state_dir/superexec.secret`` (mode 0600,
+    written atomically): shared by the SuperNode and the site's worker only."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / SECRET_NAME
+    tmp = state_dir / (SECRET_NAME + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(32).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def supernode_argv(site: SiteConfig, site_path: Path, runtime_port: int, *, isolation: str = "process",
+                   secret_file: Path | None = None) -> list[str]:
+    """``flower-supernode`` for the site. With ``isolation="process"`` the Runtime API
+    (loopback) hands tasks only to a caller that signs with ``secret_file``."""
+    if isolation not in ISOLATIONS:
+        raise ConfigError(f"isolation {isolation!r}: use one of {list(ISOLATIONS)}")
+    if isolation == "process" and secret_file is None:
+        raise ConfigError("isolation 'process' needs a SuperExec secret file (else any local "
+                          "process could claim the site's tasks)")
     sl = site.superlink
     argv = [executable("flower-supernode"), "--superlink", sl.address]
     if sl.insecure:
@@ -50,6 +92,17 @@ def supernode_argv(site: SiteConfig, site_path: Path, runtime_port: int) -> list
         "--host", "127.0.0.1", "--port", str(runtime_port),
         "--node-config", node_config_arg(node_config_for(site_path, Path(site.site.state_dir))),
     ]
+    if isolation == "process":
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+    return argv
+
+
+def worker_argv(site_path: Path, runtime_port: int, secret_file: Path, clientapp: str | None = None) -> list[str]:
+    """The site's ClientApp worker (``medisyn.client.worker``), with this interpreter."""
+    argv = [sys.executable, "-m", "medisyn.client.worker", "--site", str(site_path),
+            "--runtime", f"127.0.0.1:{runtime_port}", "--secret-file", str(secret_file)]
+    if clientapp:
+        argv += ["--clientapp", clientapp]
     return argv
 
 
@@ -63,33 +116,65 @@ def load_site(site_path: Path) -> SiteConfig:
 
 
 class SiteSupervisor:
-    """One site's SuperNode, restarted whenever it dies (new node id; state stays on disk)."""
+    """One site's SuperNode and (process isolation) its ClientApp worker, each restarted
+    whenever it dies (a new SuperNode gets a new node id; state stays on disk). The
+    Runtime API port is fixed for the supervisor's lifetime, so a restarted SuperNode and
+    the running worker find each other again."""
 
     def __init__(self, site_path: Path, *, extra_env: Mapping[str, str] | None = None,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, isolation: str = "process",
+                 clientapp: str | None = None):
+        if isolation not in ISOLATIONS:
+            raise ConfigError(f"isolation {isolation!r}: use one of {list(ISOLATIONS)}")
         self.site_path = Path(site_path).resolve()
         self.site = load_site(self.site_path)
         self.extra_env = dict(extra_env or {})
         self.echo = echo
+        self.isolation = isolation
+        self.clientapp = clientapp  # the installed ClientApp the worker runs (default: medisyn's)
         self.state_dir = Path(self.site.site.state_dir)
+        self.runtime_port = free_port()
+        self.secret_file: Path | None = None
         self.runner: Restarting | None = None
+        self.worker_runner: Restarting | None = None
 
     def _make(self) -> Daemon:
-        port = free_port()
         return Daemon(
             f"flower-supernode[{self.site.site.id}]",
-            supernode_argv(self.site, self.site_path, port),
+            supernode_argv(self.site, self.site_path, self.runtime_port, isolation=self.isolation,
+                           secret_file=self.secret_file),
             log_path=self.state_dir / "logs" / "supernode.log",
             env={"FLWR_HOME": str(self.state_dir / "flwr-home"), **self.extra_env},
             cwd=self.state_dir,
         )
 
+    def _make_worker(self) -> Daemon:
+        assert self.secret_file is not None
+        return Daemon(
+            f"medisyn-worker[{self.site.site.id}]",
+            worker_argv(self.site_path, self.runtime_port, self.secret_file, self.clientapp),
+            log_path=self.state_dir / "logs" / "worker.log",
+            env=self.extra_env,
+            cwd=self.state_dir,
+        )
+
     def start(self) -> SiteSupervisor:
         (self.state_dir / "flwr-home").mkdir(parents=True, exist_ok=True)
+        sid = self.site.site.id
+        if self.isolation == "process":
+            self.secret_file = write_secret(self.state_dir)
+        else:
+            logger.warning("site %s: isolation 'subprocess': the SuperNode runs whatever ClientApp the "
+                           "coordinator's app bundle names, including code shipped in it (debugging only)", sid)
         self.runner = Restarting(
-            self._make, name=f"supernode {self.site.site.id}",
-            on_restart=lambda n: self.echo(f"site {self.site.site.id}: SuperNode restarted ({n})"),
+            self._make, name=f"supernode {sid}",
+            on_restart=lambda n: self.echo(f"site {sid}: SuperNode restarted ({n})"),
         ).start()
+        if self.isolation == "process":
+            self.worker_runner = Restarting(
+                self._make_worker, name=f"worker {sid}",
+                on_restart=lambda n: self.echo(f"site {sid}: ClientApp worker restarted ({n})"),
+            ).start()
         return self
 
     @property
@@ -100,16 +185,33 @@ class SiteSupervisor:
     def restarts(self) -> int:
         return self.runner.restarts if self.runner else 0
 
+    @property
+    def worker(self) -> Daemon | None:
+        return self.worker_runner.daemon if self.worker_runner else None
+
+    @property
+    def worker_restarts(self) -> int:
+        return self.worker_runner.restarts if self.worker_runner else 0
+
+    @property
+    def worker_status_path(self) -> Path:
+        from medisyn.client.worker import STATUS_NAME
+
+        return self.state_dir / STATUS_NAME
+
     def stop(self) -> None:
+        if self.worker_runner is not None:
+            self.worker_runner.stop()
+            self.worker_runner = None
         if self.runner is not None:
             self.runner.stop()
             self.runner = None
 
 
-def run_site(site_path: Path, *, echo: Callable[[str], None] = print) -> int:
-    """Supervise the site's SuperNode until Ctrl-C / SIGTERM."""
+def run_site(site_path: Path, *, echo: Callable[[str], None] = print, isolation: str = "process") -> int:
+    """Supervise the site's SuperNode (and worker) until Ctrl-C / SIGTERM."""
     try:
-        sup = SiteSupervisor(site_path, echo=echo)
+        sup = SiteSupervisor(site_path, echo=echo, isolation=isolation)
     except MediSynError as e:
         echo(f"error: {e}")
         return int(ExitCode.CONFIG)
@@ -120,8 +222,15 @@ def run_site(site_path: Path, *, echo: Callable[[str], None] = print) -> int:
 
     old = signal.signal(signal.SIGTERM, _term)
     sup.start()
+    logs = sup.state_dir / "logs"
     echo(f"site {sup.site.site.id}: SuperNode connecting to {sup.site.superlink.address} "
-         f"(logs: {sup.state_dir / 'logs' / 'supernode.log'}); Ctrl-C to stop")
+         f"(logs: {logs / 'supernode.log'}); Ctrl-C to stop")
+    if isolation == "process":
+        echo(f"site {sup.site.site.id}: runs only its installed medisyn ClientApp, in a warm worker "
+             f"(logs: {logs / 'worker.log'}); other app bundles are refused")
+    else:
+        echo(f"site {sup.site.site.id}: WARNING isolation 'subprocess': the SuperNode runs whatever "
+             "ClientApp the coordinator's app bundle names (debugging only)")
     try:
         while not stop.wait(1.0):
             pass

@@ -509,7 +509,7 @@ def test_supernode_argv_and_node_config(tmp_path):
 
     p = write_site(tmp_path, "fundus")
     site = load_site(p)
-    argv = supernode_argv(site, p, 9999)
+    argv = supernode_argv(site, p, 9999, secret_file=tmp_path / "s")
     assert argv[argv.index("--superlink") + 1] == "127.0.0.1:9092" and "--insecure" in argv
     nc = argv[argv.index("--node-config") + 1]
     from flwr.common.config import parse_config_args

@@ -1,6 +1,7 @@
 """Integration tests with real ``flower-superlink`` / ``flower-supernode`` processes on
-loopback (no Ray, no mocked Flower). Slow on 2 cores (every round starts a fresh
-``flwr-clientapp`` process per site), so the scenarios are combined and tiny."""
+loopback (no Ray, no mocked Flower). Each site runs ``medisyn-client``'s supervisor: a
+SuperNode in process isolation and the site's own ClientApp worker. Slow on 2 cores, so
+the scenarios are combined and tiny."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "medisyn" / "assets" / "demo"
-NAN_FAB = Path(__file__).parent / "nan_fab"
+# a site-installed wrapper of medisyn's ClientApp that sends a NaN update: the *site*
+# chooses it (SiteSupervisor(clientapp=...)); the run's FAB is medisyn's own
+NAN_APP_DIR = Path(__file__).parent / "nan_fab"
 
 TINY = {
     "resolution": 16,
@@ -123,8 +126,9 @@ def cleanup(tmp_path):
 def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
     """3 sites, 2 rounds of the real daemons:
     - breast-us trains normally; fundus sends NaN weights (rejected, model stays finite);
-    - chest-xray's SuperNode is SIGKILLed mid-round 1: the round completes with the
-      others, its supervisor restarts it and it answers round 2;
+    - chest-xray's SuperNode is SIGKILLed mid-round 1 (while its worker runs the task):
+      the round completes with the others, its supervisor restarts it on the same
+      Runtime port, and the same worker answers round 2;
     - weights change, checkpoints and metrics.jsonl appear, per-site metrics arrive."""
     from medisyn.client.supervisor import SiteSupervisor
     from medisyn.server.supervisor import ServerSupervisor
@@ -134,32 +138,41 @@ def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
     sites = ["breast-us", "chest-xray", "fundus"]
     cfg = federation(tmp_path, port, sites, min_sites=3)
     paths = {s: site_toml(tmp_path, s, port) for s in sites}
-    server = ServerSupervisor(cfg, echo=print, fab_dir=NAN_FAB)
+    server = ServerSupervisor(cfg, echo=print)
     sups: dict[str, SiteSupervisor] = {}
     try:
         server.prepare()
         server.start_superlink()
         cleanup.append(server.superlink.pid)
         for s in sites:
-            env = {"OMP_NUM_THREADS": "1", **({"MEDISYN_TEST_NAN": "1"} if s == "fundus" else {})}
-            sups[s] = SiteSupervisor(paths[s], extra_env=env, echo=print).start()
-            cleanup.append(sups[s].daemon.pid)
+            env = {"OMP_NUM_THREADS": "1"}
+            extra = {}
+            if s == "fundus":
+                env.update(MEDISYN_TEST_NAN="1", PYTHONPATH=str(NAN_APP_DIR))
+                extra["clientapp"] = "nan_clientapp:app"
+            sups[s] = SiteSupervisor(paths[s], extra_env=env, echo=print, **extra).start()
+            cleanup.extend([sups[s].daemon.pid, sups[s].worker.pid])
         server.submit()
 
         victim = sups["chest-xray"]
         first = victim.daemon.pid
+        worker = victim.worker.pid
 
-        def clientapp_running():
-            return any("flwr-clientapp" in cmd for _, cmd in group_members(first))
+        def task_running():
+            try:
+                return json.loads(victim.worker_status_path.read_text()).get("state") == "busy"
+            except (OSError, ValueError):
+                return False
 
-        wait_for(clientapp_running, 240, "chest-xray's ClientApp to start round 1")
+        wait_for(task_running, 240, "chest-xray's worker to start round 1")
         os.killpg(first, signal.SIGKILL)
         wait_for(lambda: victim.restarts >= 1 and victim.daemon.pid != first, 60, "the supervisor to restart chest-xray")
         cleanup.append(victim.daemon.pid)
 
         code = server.watch()
+        assert victim.worker.pid == worker and victim.worker_restarts == 0  # the worker stayed up
     finally:
-        daemons = [s.daemon for s in sups.values()]
+        daemons = [d for s in sups.values() for d in (s.daemon, s.worker)]
         for s in sups.values():
             s.stop()
         server.close()
@@ -168,6 +181,9 @@ def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
     records = list(iter_metrics(cfg.run_dir))
     assert [r["round"] for r in records] == [1, 2]
     r1, r2 = records
+    for s in sites:  # every task ran in the site's own worker, none refused
+        st = json.loads(sups[s].worker_status_path.read_text())
+        assert st["refused"] == 0 and st["state"] == "stopped", (s, st)
     assert r1["sites"]["breast-us"]["status"] == "ok"
     assert r1["sites"]["fundus"]["status"] == "failed" and "non-finite" in r1["sites"]["fundus"]["reason"]
     assert r1["answered"] == 1 and r1["failed"] == 2  # the killed node is reported as a failure

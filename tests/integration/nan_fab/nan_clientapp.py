@@ -1,5 +1,8 @@
-"""Test-only ClientApp shim shipped in a test FAB: the real MediSyn ClientApp, except that
-a SuperNode started with MEDISYN_TEST_NAN=1 corrupts its trained weights with a NaN."""
+"""Test-only ClientApp installed *at a site* (on its PYTHONPATH): the real MediSyn
+ClientApp, except that a site whose worker runs it with MEDISYN_TEST_NAN=1 corrupts its
+trained weights with a NaN. The site chooses it (``SiteSupervisor(clientapp=
+"nan_clientapp:app")``); the run's FAB stays medisyn's own, so the coordinator's check of
+non-finite updates is tested without a coordinator shipping code to sites."""
 
 import os
 
