@@ -35,7 +35,7 @@ def test_expected_hash_is_the_hash_of_the_fab_the_server_submits(tmp_path):
     from medisyn.server.config import FederationConfig
     from medisyn.server.supervisor import ServerSupervisor
 
-    cfg = FederationConfig(rounds=1, local_steps=1, sites=["a"], run_dir=tmp_path / "run")
+    cfg = FederationConfig(rounds=1, local_steps=1, sites=["a"], min_sites=1, run_dir=tmp_path / "run")
     sup = ServerSupervisor(cfg, echo=lambda _m: None)
     sup.write_flwr_home_and_app()
     submitted = hashlib.sha256(build_fab_from_disk(cfg.run_dir / "app")).hexdigest()
