@@ -128,10 +128,20 @@ class WarmCache:
         """Fresh trainable copies of the cached template for ``model_cfg``/``seed``: the VAE,
         UNet and scheduler are deep copies; the frozen text encoder, tokenizer and the
         prompt-embedding cache are shared."""
+        import torch
+
         from medisyn.models import build_components
 
-        template = self.get("components", self.model_key(model_cfg, seed),
-                            lambda: build_components(model_cfg, seed=seed))
+        def build():  # noqa: ANN202
+            built = build_components(model_cfg, seed=seed)
+            # the tiny preset seeds torch's global RNG and draws the initial weights from
+            # it: keep that state, so a copy leaves the RNG as a fresh build would
+            rng = torch.get_rng_state() if model_cfg.preset == "tiny" else None
+            return built, rng
+
+        template, rng = self.get("components", self.model_key(model_cfg, seed), build)
+        if rng is not None:
+            torch.set_rng_state(rng)
         return dataclasses.replace(
             template,
             vae=copy.deepcopy(template.vae),

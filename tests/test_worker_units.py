@@ -225,6 +225,12 @@ def test_model_template_is_shared_and_copies_are_fresh(tmp_path):
         next(a.unet.parameters()).add_(1.0)  # training one copy leaves the next copy as built
     fresh = c.components(cfg, 0)
     assert torch.equal(next(fresh.unet.parameters()), next(b.unet.parameters()))
+    from medisyn.models import build_components
+
+    build_components(cfg, seed=0)
+    after_build = torch.rand(4)
+    c.components(cfg, 0)  # a hit leaves torch's global RNG as a fresh build does
+    assert torch.equal(torch.rand(4), after_build)
     c.components(tiny_model_config(resolution=32), 0)
     c.components(cfg, 1)
     assert c.misses == 3 and len(c.keys("components")) == 2  # other config/seed: other key
