@@ -14,20 +14,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from medisyn.client import site as site_ops
 
+from medisyn import protocol as P
+
 logger = logging.getLogger(__name__)
 
 
 def coded_errors(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
-    """Mod: a failed site task answers with a coded error (``medisyn.wire``: code, site id,
-    sanitized message as fields), so the server never parses error text."""
+    """Mod: a failed site task answers with a coded error (``medisyn.protocol``: code, site
+    id, sanitized message as fields), so the server never parses error text."""
     try:
         return call_next(msg, context)
     except site_ops.SiteError as e:
         from flwr.app import Error
 
-        from medisyn.wire import encode_site_error
-
-        code, reason = encode_site_error(e.code, e.site_id, str(e))
+        code, reason = P.encode_site_error(e.code, e.site_id, str(e))
         return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
@@ -35,19 +35,19 @@ app = ClientApp(mods=[coded_errors])
 
 
 def _inputs(msg: Message):
-    config = dict(msg.content.config_records.get("config", ConfigRecord()))
-    arrays = msg.content.array_records.get("arrays")
-    frozen = msg.content.array_records.get("frozen")
-    arr = arrays[site_ops.PACKED].numpy() if arrays is not None and site_ops.PACKED in arrays else None
-    frz = frozen[site_ops.PACKED].numpy() if frozen is not None and site_ops.PACKED in frozen else None
+    config = dict(msg.content.config_records.get(P.CONFIG, ConfigRecord()))
+    arrays = msg.content.array_records.get(P.ARRAYS)
+    frozen = msg.content.array_records.get(P.FROZEN)
+    arr = arrays[P.PACKED].numpy() if arrays is not None and P.PACKED in arrays else None
+    frz = frozen[P.PACKED].numpy() if frozen is not None and P.PACKED in frozen else None
     return config, arr, frz
 
 
 def _reply(msg: Message, site_id: str, metrics: dict, arrays: dict | None = None) -> Message:
-    token = msg.content.config_records.get("config", ConfigRecord()).get("reply-token")  # echoed: binds the reply to its run and round
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id, **({"reply-token": str(token)} if token else {})})})
+    token = msg.content.config_records.get(P.CONFIG, ConfigRecord()).get(P.REPLY_TOKEN)  # echoed: binds the reply to its run and round
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE_RECORD: ConfigRecord(P.site_record(site_id, token))})
     if arrays is not None:
-        content["arrays"] = ArrayRecord({site_ops.PACKED: _array(site_ops.pack(arrays))})
+        content[P.ARRAYS] = ArrayRecord({P.PACKED: _array(P.pack(arrays))})
     return Message(content=content, reply_to=msg)
 
 
@@ -105,20 +105,18 @@ def query(msg: Message, context: Context) -> Message:
 
     def run() -> dict:
         synthetic = None
-        rec = msg.content.array_records.get("synthetic")
+        rec = msg.content.array_records.get(P.SYNTHETIC)
         if rec is not None:
-            from medisyn.wire import IMAGES, unpack_images
-
-            synthetic = unpack_images(rec[IMAGES].numpy(), str(config.get("synthetic-meta", "[]")))
+            synthetic = P.unpack_images(rec[P.IMAGES].numpy(), str(config.get(P.SYNTHETIC_META, "[]")))
         return site_ops.query_task(site, config, arrays, frozen, synthetic=synthetic,
                                    site_path=Path(str(site_path)) if site_path else None)
 
     result = site_ops.guarded(site.site.id, secrets, run)
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    metrics.setdefault("num-examples", int(result.get("n_synthetic", 0) or 0))
+    metrics.setdefault(P.NUM_EXAMPLES, int(result.get("n_synthetic", 0) or 0))
     content = RecordDict({
-        "metrics": MetricRecord(metrics),
-        "result": ConfigRecord({"json": json.dumps(result, sort_keys=True)}),
-        "site": ConfigRecord({"site-id": site.site.id}),
+        P.METRICS: MetricRecord(metrics),
+        P.RESULT: ConfigRecord({P.RESULT_JSON: json.dumps(result, sort_keys=True)}),
+        P.SITE_RECORD: ConfigRecord(P.site_record(site.site.id)),
     })
     return Message(content=content, reply_to=msg)

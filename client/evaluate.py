@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from medisyn import protocol as P
 from medisyn.config import SiteConfig
 from medisyn.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-QUERY = "evaluate"
+QUERY = P.QUERY_EVALUATE
 MAX_N_PER_LABEL = 1024  # what a site generates per label for one query, at most
 # settings a server may set; the rest (threads, workers) is the site's and ignored
 SERVER_SETTINGS = ("n_per_label", "seed", "steps", "guidance", "scheduler", "batch_size", "resolution",
@@ -39,7 +40,7 @@ def evaluation_settings(config: Mapping[str, Any]):
     """The settings of the query (``config["evaluation"]``: JSON), checked and capped."""
     from medisyn.evaluation import EvaluationSettings, make_settings
 
-    raw = config.get("evaluation", "{}")
+    raw = config.get(P.EVALUATION, "{}")
     try:
         asked = json.loads(str(raw)) if not isinstance(raw, Mapping) else dict(raw)
     except json.JSONDecodeError as e:
@@ -67,7 +68,7 @@ def evaluate_query(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
     if QUERY not in site.privacy.allowed_audits:
         raise PermissionError(f"query {QUERY!r} is not allowed by the site's policy "
                               f"(allowed: {site.privacy.allowed_audits})")
-    if arrays is None or "model-config" not in config:
+    if arrays is None or P.MODEL_CONFIG not in config:
         raise ConfigError("the evaluate query carries no model (weights and model-config)")
     settings = evaluation_settings(config)
     policy = None
@@ -84,9 +85,9 @@ def evaluate_query(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
     components.unet.eval()
     components.vae.eval()
     meta = None
-    if config.get("model-image-types"):
+    if config.get(P.MODEL_IMAGE_TYPES):
         try:
-            meta = {"image_types": json.loads(str(config["model-image-types"]))}
+            meta = {"image_types": json.loads(str(config[P.MODEL_IMAGE_TYPES]))}
         except json.JSONDecodeError:
             meta = None
         if meta is not None and isinstance(meta["image_types"], dict) and hasattr(components, "image_types"):
@@ -99,7 +100,7 @@ def evaluate_query(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
     channels = source_channels(read_raw(site.dataset))
     if hasattr(components, "image_types") and site.dataset.image_type not in components.image_types:
         components.image_types = {**components.image_types, site.dataset.image_type: {"channels": channels}}
-    mh = config.get("model_hash")
+    mh = config.get(P.MODEL_HASH)
     result = evaluate_site(components, site.dataset, settings=settings, site_id=site.site.id,
                            model_hash=None if mh is None else str(mh), model_meta=meta,
                            min_group=min_group, progress=lambda m: logger.info("evaluate: %s", m))

@@ -72,7 +72,9 @@ def model_fingerprint(config: Mapping[str, Any], *arrays: Any) -> str:
     """sha256 of what defines the model a message carries: its weights (every array, in
     order; ``None`` for an absent one) and the model settings in its config."""
     h = hashlib.sha256()
-    for key in ("model-config", "stage", "frozen-stages", "latent-std"):
+    from medisyn.protocol import MODEL_KEYS
+
+    for key in MODEL_KEYS:
         h.update(f"{key}={config.get(key)!s};".encode())
     for a in arrays:
         if a is None:

@@ -24,9 +24,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from medisyn import protocol as P
 from medisyn.config import SiteConfig, load_site_config
 from medisyn.errors import ConfigError, MediSynError, PrivacyBudgetError
-from medisyn.wire import PACKED, pack, unpack  # noqa: F401  (the one wire format)
+from medisyn.protocol import (  # noqa: F401  (the one message layout; re-exported)
+    PACKED,
+    QUERIES,
+    REPORTED_METRICS,
+    REPORTED_METRICS_DP,
+    pack,
+    unpack,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,23 +43,11 @@ T = TypeVar("T")
 NODE_SITE_CONFIG = "site-config"
 NODE_STATE_DIR = "state-dir"
 
-# Metrics a site may report (numbers only). Anything else the core returns stays local.
-# docs/privacy.md ("What leaves a site") says which are covered by DP and which are not.
-REPORTED_METRICS = (
-    "loss", "loss-first", "num-examples", "steps", "seconds", "images-per-s",
-    "epsilon", "delta", "noise-multiplier", "sample-rate", "latent-std",
-)
-# Under DP, two avoidable outside-DP values stay at the site: the first batch's loss and
-# the images per second (the Poisson-sampled batch sizes of the round, summed).
-REPORTED_METRICS_DP = tuple(m for m in REPORTED_METRICS if m not in ("loss-first", "images-per-s"))
-
-
-
 
 class SiteError(MediSynError):
     """A site failed a task; the message names the site and holds no file path.
 
-    ``code`` (a name in ``medisyn.wire.SITE_ERROR_CODES``) and ``site_id`` go to the
+    ``code`` (a name in ``medisyn.protocol.SITE_ERROR_CODES``) and ``site_id`` go to the
     server as fields of a coded error reply (the ClientApp's ``coded_errors`` mod).
     """
 
@@ -119,7 +115,7 @@ def guarded(site_id: str, secrets: tuple[str, ...], fn: Callable[[], T]) -> T:
 
 
 def error_code(e: BaseException) -> str:
-    """The wire code (``medisyn.wire.SITE_ERROR_CODES``) of a site task's error."""
+    """The wire code (``medisyn.protocol.SITE_ERROR_CODES``) of a site task's error."""
     from medisyn.errors import DataError, LedgerError
 
     code = getattr(e, "code", None)
@@ -163,11 +159,11 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
 
     policy = SitePolicy(site)
     policy.check_model_size(_message_parameters(arrays, frozen))
-    model_cfg = ModelConfig.model_validate_json(str(config["model-config"]))
-    stage = str(config["stage"])
+    model_cfg = ModelConfig.model_validate_json(str(config[P.MODEL_CONFIG]))
+    stage = str(config[P.STAGE])
     # a fresh trainable copy of the model; the template (and the text encoder with its
     # prompt-embedding cache) stays warm in a long-lived worker (medisyn.client.warm)
-    components = WARM.components(model_cfg, int(config.get("seed", 0)))
+    components = WARM.components(model_cfg, int(config.get(P.SEED, 0)))
     policy.check_model_size(sum(p.numel() for m in (components.unet, components.vae) for p in m.parameters()))
     # Make the scheduler config explicit, as the coordinator's model loaded from disk has
     # it: a freshly built one marks keys as defaults, and a sampling scheduler made from it
@@ -177,24 +173,22 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     components.noise_scheduler = type(sched).from_config(
         {k: v for k, v in sched.config.items() if k != "_use_default_values"})
 
-    def layout(stages: list[str]) -> list[tuple[str, tuple[int, ...]]]:
-        shapes = {f"{fs}/{k}": tuple(v.shape) for fs in stages for k, v in trainable_state(components, fs).items()}  # type: ignore[arg-type]
-        return [(k, shapes[k]) for k in sorted(shapes)]
+    def shapes(fs: str) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in trainable_state(components, fs).items()}  # type: ignore[arg-type]
+
+    def tensors(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
     if frozen is not None and frozen.size:
-        stages = [s for s in str(config.get("frozen-stages", "vae")).split(",") if s]
-        by_stage: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in unpack(frozen, layout(stages)).items():
-            fs, _, name = k.partition("/")
-            by_stage.setdefault(fs, {})[name] = torch.from_numpy(np.array(v))
-        for fs, state in by_stage.items():
-            load_trainable_state(components, fs, state)  # type: ignore[arg-type]
-    if "latent-std" in config:
-        set_latent_scale(components, float(config["latent-std"]))
+        stages = P.decode_stages(config.get(P.FROZEN_STAGES))
+        for fs, state in P.unpack_frozen(frozen, {fs: shapes(fs) for fs in stages}).items():
+            load_trainable_state(components, fs, tensors(state))  # type: ignore[arg-type]
+    if P.LATENT_STD in config:
+        set_latent_scale(components, float(config[P.LATENT_STD]))
     if arrays is None:
         raise ConfigError("the message carries no weights for the stage")
-    own = [(k.partition("/")[2], shape) for k, shape in layout([stage])]
-    load_trainable_state(components, stage, {k: torch.from_numpy(np.array(v)) for k, v in unpack(arrays, own).items()})  # type: ignore[arg-type]
+    own = shapes(stage)
+    load_trainable_state(components, stage, tensors(unpack(arrays, [(k, own[k]) for k in sorted(own)])))  # type: ignore[arg-type]
     return components, model_cfg, stage
 
 
@@ -220,7 +214,7 @@ def enforce_policy(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
     The message's ``round`` is a label only."""
     from medisyn.client.policy import SitePolicy
 
-    SitePolicy(site).admit_train(local_steps=int(config.get("local-steps", 0)),
+    SitePolicy(site).admit_train(local_steps=int(config.get(P.LOCAL_STEPS, 0)),
                                  n_parameters=_message_parameters(arrays, frozen))
 
 
@@ -254,7 +248,7 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
 
     t0 = time.perf_counter()
     enforce_policy(site, config, arrays, frozen)
-    if float(config.get("proximal-mu", 0.0)) > 0:
+    if float(config.get(P.PROXIMAL_MU, 0.0)) > 0:
         import inspect
 
         if "proximal_mu" not in inspect.signature(train_local).parameters:
@@ -267,14 +261,14 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         # Fail closed before any step: a site that has trained (ledger or marker on disk)
         # must have a readable ledger to record these non-private steps in.
         _open_ledger_if_trained(site, len(dataset))
-    train_cfg = TrainConfig.model_validate_json(str(config["train-config"]))
+    train_cfg = TrainConfig.model_validate_json(str(config[P.TRAIN_CONFIG]))
     kwargs: dict[str, Any] = {}
-    if float(config.get("proximal-mu", 0.0)) > 0:
-        kwargs["proximal_mu"] = float(config["proximal-mu"])
+    if float(config.get(P.PROXIMAL_MU, 0.0)) > 0:
+        kwargs["proximal_mu"] = float(config[P.PROXIMAL_MU])
     result = train_local(
         components,
         dataset,
-        steps=int(config["local-steps"]),
+        steps=int(config[P.LOCAL_STEPS]),
         config=train_cfg,
         stage=stage,  # type: ignore[arg-type]
         # Always the site's policy, DP on or off: with DP off, train_local records the
@@ -283,15 +277,15 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         ledger_path=Path(site.site.state_dir),
         site_id=site.site.id,
         run_id=run_id,
-        round=int(config.get("round", 0)),
+        round=int(config.get(P.ROUND, 0)),
         progress=False,
         **kwargs,
     )
     state = {k: v.detach().cpu().float().numpy() for k, v in result.state.items()}
     reported = REPORTED_METRICS_DP if site.privacy.dp else REPORTED_METRICS
     metrics = {k: float(v) for k, v in result.metrics.items() if k in reported and isinstance(v, int | float)}
-    metrics["num-examples"] = int(result.metrics["num-examples"])
-    metrics["site-seconds"] = time.perf_counter() - t0
+    metrics[P.NUM_EXAMPLES] = int(result.metrics[P.NUM_EXAMPLES])
+    metrics[P.SITE_SECONDS] = time.perf_counter() - t0
     return state, metrics
 
 
@@ -301,14 +295,10 @@ def evaluate_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarra
 
     from medisyn.train import evaluate_loss
 
-    SitePolicy(site).admit_query("evaluate", _model_hash(config, arrays, frozen))
+    SitePolicy(site).admit_query(P.QUERY_EVALUATE, _model_hash(config, arrays, frozen))
     components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=True)
-    loss = evaluate_loss(components, dataset, stage=stage, seed=int(config.get("seed", 0)))  # type: ignore[arg-type]
-    return {"loss": float(loss), "num-examples": int(len(dataset))}
-
-
-# What a site answers to an audit query (names; anything else is refused).
-QUERIES = ("prompts", "copy-detection", "evaluate")
+    loss = evaluate_loss(components, dataset, stage=stage, seed=int(config.get(P.SEED, 0)))  # type: ignore[arg-type]
+    return {P.LOSS: float(loss), P.NUM_EXAMPLES: int(len(dataset))}
 
 
 def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None = None,
@@ -326,26 +316,26 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     and δ from its own ledger. Returns the shareable aggregate (checked by
     ``medisyn.audit.report.assert_shareable``).
     """
-    audit = str(config.get("audit", ""))
+    audit = str(config.get(P.AUDIT, ""))
     if audit not in QUERIES:
         raise PermissionError(f"unknown audit query {audit!r}; a site answers {list(QUERIES)}")
-    if audit == "evaluate":  # model quality on the site's own data (medisyn.client.evaluate)
+    if audit == P.QUERY_EVALUATE:  # model quality on the site's own data (medisyn.client.evaluate)
         from medisyn.client.evaluate import evaluate_query
 
         return evaluate_query(site, config, arrays, frozen)
     # Both queries serve the copy-detection audit; the site's policy must allow it.
-    if "copy-detection" not in site.privacy.allowed_audits:
+    if P.QUERY_COPY_DETECTION not in site.privacy.allowed_audits:
         raise PermissionError(
             f"audit {audit!r} is not allowed by the site's policy (allowed: {site.privacy.allowed_audits})"
         )
-    if audit == "prompts":
+    if audit == P.QUERY_PROMPTS:
         from medisyn.data import label_prompts, read_raw, source_channels
 
         prompts = sorted(set(label_prompts(site.dataset).values()))
         # grey (1) or colour (3): the coordinator then generates channel-equal images for a
         # grey type; a property of the dataset's format, not of any record
-        return {"prompts": prompts, "image-type": site.dataset.image_type,
-                "channels": source_channels(read_raw(site.dataset))}
+        return {P.QUERY_PROMPTS: prompts, P.PROMPTS_IMAGE_TYPE: site.dataset.image_type,
+                P.PROMPTS_CHANNELS: source_channels(read_raw(site.dataset))}
     from medisyn.audit import site_query
     from medisyn.audit.settings import audit_config
 
@@ -355,10 +345,10 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
 
     # budgeted per model: the weights sent, or (without them) the model hash the server names
     fingerprint = (_model_hash(config, arrays, frozen) if arrays is not None
-                   else "unverified:" + str(config.get("model_hash", "")))
-    SitePolicy(site).admit_query("copy-detection", fingerprint)
+                   else "unverified:" + str(config.get(P.MODEL_HASH, "")))
+    SitePolicy(site).admit_query(P.QUERY_COPY_DETECTION, fingerprint)
     components = None
-    if arrays is not None and "model-config" in config:
+    if arrays is not None and P.MODEL_CONFIG in config:
         components, _, _ = _components(site, config, arrays, frozen)
         components.unet.eval()
         components.vae.eval()
@@ -372,12 +362,12 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
             raise PermissionError(
                 "the site verifies the query's images against the model (privacy.audit_verify_sample "
                 "is not 0), but the query carries no model: send it (no --no-model)")
-        verify_synthetic(components, synthetic, str(config.get("synthetic-meta", "[]")),
-                         str(config.get("generation", "")), sample=sample,
+        verify_synthetic(components, synthetic, str(config.get(P.SYNTHETIC_META, "[]")),
+                         str(config.get(P.GENERATION, "")), sample=sample,
                          tolerance=site.privacy.audit_verify_tolerance, site_id=site.site.id)
     # the site's [audit] table (thresholds, views, encoder settings), as read with its config
     audit_cfg = audit_config(site, Path(site_path).resolve().parent if site_path is not None else None)
-    return dict(site_query(site, {k: v for k, v in config.items() if k in ("audit", "model_hash")},
+    return dict(site_query(site, {k: v for k, v in config.items() if k in (P.AUDIT, P.MODEL_HASH)},
                            components, audit_config=audit_cfg, synthetic=synthetic))
 
 

@@ -293,7 +293,7 @@ class SiteWorker:
             push_task_output,
         )
 
-        from medisyn.wire import encode_site_error
+        from medisyn.protocol import encode_site_error
 
         logger.error("%s", reason)
         client = self.task_client(token)
@@ -321,7 +321,7 @@ class SiteWorker:
         )
         from medisyn.client.app import app as client_app
 
-        from medisyn.wire import encode_site_error
+        from medisyn.protocol import encode_site_error
 
         client = self.task_client(token)
         lost = threading.Event()

@@ -20,7 +20,7 @@ Message contract (server -> site), ``query`` content:
   list of ``{id, prompt, seed}``) and ``generation`` (JSON ``{steps, guidance,
   scheduler}``): a site regenerates (a sample of) the images from the model and their
   seeds and refuses the query if they differ (``privacy.audit_verify_sample``);
-- ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.wire``);
+- ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.protocol``);
 - ``synthetic``: ArrayRecord ``{"images": uint8 (N, H, W, C)}``.
 Reply: ConfigRecord ``result`` with ``json`` (the aggregate), a MetricRecord, ``site``.
 """
@@ -54,6 +54,7 @@ from medisyn.server.federation import (
 from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
 from pydantic import BaseModel, ConfigDict, Field
 
+from medisyn import protocol as P
 from medisyn.errors import ConfigError
 from medisyn.procs import sigterm_as_interrupt
 
@@ -117,7 +118,8 @@ class AuditProgress:
 def _query(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], timeout: float,
            node_sites: dict[int, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Send one ``query`` per node; return (site -> result JSON, site -> error)."""
-    msgs = [Message(content=content(), message_type="query", dst_node_id=n, group_id="audit") for n in nodes]
+    msgs = [Message(content=content(), message_type=P.QUERY_MESSAGE, dst_node_id=n, group_id=P.QUERY_GROUP)
+            for n in nodes]
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -125,9 +127,9 @@ def _query(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], time
         if reply.has_error():
             errors[site] = reply_error(reply)[1]
             continue
-        rec = reply.content.config_records.get("result")
+        rec = reply.content.config_records.get(P.RESULT)
         try:
-            results[site] = json.loads(str(rec["json"])) if rec is not None else {}
+            results[site] = json.loads(str(rec[P.RESULT_JSON])) if rec is not None else {}
         except (KeyError, json.JSONDecodeError) as e:
             errors[site] = f"unreadable reply: {e}"
         if site in results and not isinstance(results[site], dict):
@@ -143,7 +145,6 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
 
     from medisyn.generate import generate, grey_image_types, write_generated
     from medisyn.models import model_hash
-    from medisyn.wire import IMAGES, pack_images
 
     out = Path(req.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,14 +173,14 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         progress(f"{len(prompts)} prompt(s) given: generating {req.n_per_prompt} image(s) each")
     else:
         pr_results, pr_errors = _query(
-            grid, nodes, lambda: RecordDict({"config": ConfigRecord({"audit": "prompts"})}),
+            grid, nodes, lambda: RecordDict({P.CONFIG: ConfigRecord({P.AUDIT: P.QUERY_PROMPTS})}),
             req.timeout, node_sites)
         for site, err in pr_errors.items():
             progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
-        prompts = sorted({str(p) for r in pr_results.values() for p in r.get("prompts", [])})
+        prompts = sorted({str(p) for r in pr_results.values() for p in r.get(P.QUERY_PROMPTS, [])})
         # a site whose data is grey gets channel-equal images for its type (as its data says)
-        grey_types |= {str(r["image-type"]) for r in pr_results.values()
-                       if r.get("channels") == 1 and isinstance(r.get("image-type"), str)}
+        grey_types |= {str(r[P.PROMPTS_IMAGE_TYPE]) for r in pr_results.values()
+                       if r.get(P.PROMPTS_CHANNELS) == 1 and isinstance(r.get(P.PROMPTS_IMAGE_TYPE), str)}
         if not prompts:
             msg = "no prompts: no site answered the prompts query and none were given (--prompt)"
             progress.status(Outcome.FAILED, message=msg)
@@ -203,15 +204,15 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     progress(f"generated {len(synthetic)} image(s) in {time.time() - t0:.1f} s -> {syn_dir}")
 
     # 3. the copy-detection query
-    images, meta = pack_images(synthetic)
+    images, meta = P.pack_images(synthetic)
     # each image's seed and the sampler settings: a site regenerates (a sample of) the images
     # from the model to verify them before it audits (privacy.audit_verify_sample)
     rows = json.loads(meta)
     for row, g in zip(rows, items, strict=True):
         row["seed"] = int(g.seed)
     config: dict[str, Any] = {
-        "audit": "copy-detection", "model_hash": mhash, "synthetic-meta": json.dumps(rows),
-        "generation": json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler,
+        P.AUDIT: P.QUERY_COPY_DETECTION, P.MODEL_HASH: mhash, P.SYNTHETIC_META: json.dumps(rows),
+        P.GENERATION: json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler,
                                   "grey_types": sorted(grey_types)}),
     }
     arrays = frozen = None
@@ -220,17 +221,17 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         state, fz, extra = stage_payload(model, cfg, stage)
         arrays = to_record(state)
         frozen = to_record(fz) if fz else None
-        config.update({"stage": stage, "seed": cfg.seed, "model-config": cfg.model.model_dump_json(), **extra})
+        config.update({P.STAGE: stage, P.SEED: cfg.seed, P.MODEL_CONFIG: cfg.model.model_dump_json(), **extra})
 
     def content() -> RecordDict:
         from flwr.app import Array
 
-        rd = RecordDict({"config": ConfigRecord(config),
-                         "synthetic": ArrayRecord({IMAGES: Array(images)})})
+        rd = RecordDict({P.CONFIG: ConfigRecord(config),
+                         P.SYNTHETIC: ArrayRecord({P.IMAGES: Array(images)})})
         if arrays is not None:
-            rd["arrays"] = arrays
+            rd[P.ARRAYS] = arrays
         if frozen is not None:
-            rd["frozen"] = frozen
+            rd[P.FROZEN] = frozen
         return rd
 
     progress(f"sending {len(synthetic)} synthetic image(s) to {len(nodes)} site(s); each audits "

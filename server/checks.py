@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medisyn import protocol as P
+
 logger = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ def check_replies(
             reason = (f"{claims[c.site]} replies claim site {c.site!r} in one round "
                       "(two nodes claim this id): all of them are rejected")
         else:
-            n = c.metrics.get("num-examples")
+            n = c.metrics.get(P.NUM_EXAMPLES)
             if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
                 reason = f"num-examples must be a positive number, got {n!r}"
             else:
@@ -152,7 +154,7 @@ def check_replies(
             )
         else:
             verdict.accepted.append(c)
-            claimed = float(c.metrics["num-examples"])
+            claimed = float(c.metrics[P.NUM_EXAMPLES])
             cap = _cap(max_examples, c.site)
             verdict.weights[c.site] = claimed if cap is None else min(claimed, float(cap))
             if cap is not None and claimed > cap:

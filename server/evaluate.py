@@ -20,7 +20,7 @@ Message contract (server -> site), ``query`` content:
   :class:`medisyn.evaluation.EvaluationSettings` fields), ``model-image-types`` (JSON, from
   the model's ``medisyn.json`` when present), and the model's ``model-config``, ``stage``
   (``unet``), ``seed``, ``frozen-stages``/``latent-std`` as in a training message;
-- ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.wire``).
+- ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.protocol``).
 Reply: ConfigRecord ``result`` with ``json`` (the site's aggregate), a MetricRecord, ``site``.
 
 Exit codes: 0 report written and every site evaluated; 1 report written, some site
@@ -46,6 +46,7 @@ from medisyn.server.federation import GlobalModel, Outcome, stage_payload, to_re
 from medisyn.server.supervisor import ExitCode, SupervisorError
 from pydantic import BaseModel, ConfigDict, Field
 
+from medisyn import protocol as P
 from medisyn.errors import ConfigError
 from medisyn.procs import sigterm_as_interrupt
 
@@ -161,17 +162,17 @@ def run_evaluate(grid: Grid, cfg: FederationConfig, req: EvaluateRequest, *, att
     stage = "unet"
     state, fz, extra = stage_payload(model, cfg, stage)
     arrays, frozen = to_record(state), (to_record(fz) if fz else None)
-    config: dict[str, Any] = {"audit": "evaluate", "model_hash": mhash,
-                              "evaluation": json.dumps(settings.model_dump(mode="json")),
-                              "stage": stage, "seed": cfg.seed, "model-config": cfg.model.model_dump_json(),
+    config: dict[str, Any] = {P.AUDIT: P.QUERY_EVALUATE, P.MODEL_HASH: mhash,
+                              P.EVALUATION: json.dumps(settings.model_dump(mode="json")),
+                              P.STAGE: stage, P.SEED: cfg.seed, P.MODEL_CONFIG: cfg.model.model_dump_json(),
                               **extra}
     if meta.get("image_types"):
-        config["model-image-types"] = json.dumps(meta["image_types"], sort_keys=True)
+        config[P.MODEL_IMAGE_TYPES] = json.dumps(meta["image_types"], sort_keys=True)
 
     def content() -> RecordDict:
-        rd = RecordDict({"config": ConfigRecord(config), "arrays": arrays})
+        rd = RecordDict({P.CONFIG: ConfigRecord(config), P.ARRAYS: arrays})
         if frozen is not None:
-            rd["frozen"] = frozen
+            rd[P.FROZEN] = frozen
         return rd
 
     progress(f"asking {len(nodes)} site(s) to evaluate the model on their own data "

@@ -4,17 +4,13 @@
 ServerApp (``medisyn.server.app``) only calls it. Unit tests drive it with an
 in-process Grid, integration tests with a real SuperLink.
 
-Message contract (server -> site), content of a ``train`` / ``evaluate`` message:
-- ``arrays``: ArrayRecord, the stage's trainable weights (``medisyn.models.trainable_state``)
-- ``frozen``: ArrayRecord, the frozen weights the site needs that it cannot build itself
-  (the federated VAE in stage ``unet`` of the tiny preset); absent otherwise
-- ``config``: ConfigRecord with ``stage``, ``round`` (global), ``server-round`` (within
-  the stage), ``local-steps``, ``seed``, ``model-config`` / ``train-config`` (JSON),
-  ``reply-token`` (train: run id, round and a fresh nonce), and ``proximal-mu`` under FedProx.
-
-Reply (site -> server): exactly one ArrayRecord (train only) and one MetricRecord with
-``num-examples``, plus a ConfigRecord ``site`` holding ``site-id`` and the echoed
-``reply-token`` (a train reply without the round's token is rejected).
+The message layout (records, config and metric keys, packed and frozen weights, coded
+errors) is :mod:`medisyn.protocol`. A ``train`` / ``evaluate`` message carries the stage's
+trainable weights, the frozen weights a site needs that it cannot build itself (the
+federated VAE in stage ``unet`` of the tiny preset; absent otherwise) and the config; a
+train reply must hold exactly one packed ArrayRecord, one MetricRecord with
+``num-examples`` and the echoed ``reply-token`` (a reply without the round's token is
+rejected).
 """
 
 from __future__ import annotations
@@ -45,13 +41,13 @@ from medisyn.server.checks import Candidate, check_replies
 from medisyn.server.config import FederationConfig, read_enrolment
 from medisyn.server.strategy import aggregate_checked, export_state, make_strategy, restore_state
 
+from medisyn import protocol as P
 from medisyn.config import ModelConfig, Stage
 from medisyn.fileio import fsync_dir
-from medisyn.wire import PACKED, layout_of, pack, unpack  # noqa: F401  (re-exported)
+from medisyn.protocol import BUDGET_CODE, PACKED, layout_of, pack, unpack  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-BUDGET_CODE = "privacy-budget"  # medisyn.wire.SITE_ERROR_CODES: a site refused for budget
 
 
 # --------------------------------------------------------------------------- outcome
@@ -137,15 +133,15 @@ class GlobalModel:
     def extra_config(self, stage: Stage) -> dict[str, Any]:
         """Non-weight model settings a site needs: the tiny VAE's latent scale."""
         if stage == "unet" and self.components.config.preset == "tiny":
-            return {"latent-std": 1.0 / float(self.components.scaling_factor)}
+            return {P.LATENT_STD: 1.0 / float(self.components.scaling_factor)}
         return {}
 
     def update_latent_scale(self, site_metrics: dict[str, dict[str, Any]]) -> None:
         """Set the VAE latent scale from the sites' ``latent-std`` (example-weighted)."""
         from medisyn.models import set_latent_scale
 
-        pairs = [(float(m["latent-std"]), float(m["num-examples"])) for m in site_metrics.values()
-                 if "latent-std" in m and math.isfinite(float(m["latent-std"])) and float(m["latent-std"]) > 0]
+        pairs = [(float(m[P.LATENT_STD]), float(m[P.NUM_EXAMPLES])) for m in site_metrics.values()
+                 if P.LATENT_STD in m and math.isfinite(float(m[P.LATENT_STD])) and float(m[P.LATENT_STD]) > 0]
         if pairs:
             std = sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
             set_latent_scale(self.components, std)
@@ -166,14 +162,13 @@ def frozen_for(cfg: FederationConfig, stage: Stage) -> list[Stage]:
 def stage_payload(model: GlobalModel, cfg: FederationConfig, stage: Stage
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """What a message for ``stage`` carries (training rounds and the audit query alike):
-    the stage's weights, the frozen weights a site needs (keys ``<stage>/<name>``; empty if
-    none), and the extra config (latent scale, ``frozen-stages``)."""
-    frozen: dict[str, np.ndarray] = {}
-    for fs in frozen_for(cfg, stage):
-        frozen.update({f"{fs}/{k}": v for k, v in model.state(fs).items()})
+    the stage's weights, the frozen weights a site needs (``medisyn.protocol.frozen_arrays``;
+    empty if none), and the extra config (latent scale, ``frozen-stages``)."""
+    stages = frozen_for(cfg, stage)
+    frozen = P.frozen_arrays({fs: model.state(fs) for fs in stages})
     extra = model.extra_config(stage)
     if frozen:
-        extra["frozen-stages"] = ",".join(frozen_for(cfg, stage))
+        extra[P.FROZEN_STAGES] = P.encode_stages(stages)
     return model.state(stage), frozen, extra
 
 
@@ -199,14 +194,12 @@ _SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # [site] id's pattern
 
 def reply_error(msg: Message) -> tuple[str, str, str | None]:
     """``(code, message, site id)`` of an error reply: the fields of a site's coded error
-    (``medisyn.wire.decode_site_error``), else ``("flower-<code>", reason, None)``."""
-    from medisyn.wire import decode_site_error
-
+    (``medisyn.protocol.decode_site_error``), else ``("flower-<code>", reason, None)``."""
     err = msg.error
-    info = decode_site_error(int(err.code), err.reason)
+    info = P.decode_site_error(int(err.code), err.reason)
     if info is None:
         return f"flower-{err.code}", str(err.reason or ""), None
-    return info["code"], info["message"], info["site-id"]
+    return info["code"], info["message"], info[P.SITE_ID]
 
 
 def reply_site(msg: Message, node_sites: dict[int, str]) -> str:
@@ -218,10 +211,10 @@ def reply_site(msg: Message, node_sites: dict[int, str]) -> str:
         if site is not None and _SITE_ID.fullmatch(site) and node not in node_sites:
             return site
     else:
-        cfg = msg.content.config_records.get("site")
-        if cfg is not None and isinstance(cfg.get("site-id"), str):
-            node_sites[node] = cfg["site-id"]
-            return cfg["site-id"]
+        cfg = msg.content.config_records.get(P.SITE_RECORD)
+        if cfg is not None and isinstance(cfg.get(P.SITE_ID), str):
+            node_sites[node] = cfg[P.SITE_ID]
+            return cfg[P.SITE_ID]
     return node_sites.get(node, f"node-{node}")
 
 
@@ -245,8 +238,8 @@ def reply_token(grid: Grid, global_round: int) -> str:
 
 
 def _token_of(msg: Message) -> str | None:
-    rec = msg.content.config_records.get("site")
-    tok = rec.get("reply-token") if rec is not None else None
+    rec = msg.content.config_records.get(P.SITE_RECORD)
+    tok = rec.get(P.REPLY_TOKEN) if rec is not None else None
     return tok if isinstance(tok, str) else None
 
 
@@ -291,13 +284,13 @@ def train_round(
     enrolled = read_enrolment(cfg.run_dir)  # node id -> site id, under SuperNode auth
     config = ConfigRecord(
         {
-            "stage": stage,
-            "round": global_round,
-            "reply-token": token,
-            "local-steps": cfg.steps_for(stage),
-            "seed": cfg.seed,
-            "model-config": cfg.model.model_dump_json(),
-            "train-config": cfg.train.model_dump_json(),
+            P.STAGE: stage,
+            P.ROUND: global_round,
+            P.REPLY_TOKEN: token,
+            P.LOCAL_STEPS: cfg.steps_for(stage),
+            P.SEED: cfg.seed,
+            P.MODEL_CONFIG: cfg.model.model_dump_json(),
+            P.TRAIN_CONFIG: cfg.train.model_dump_json(),
             **(extra_config or {}),
         }
     )
@@ -309,7 +302,7 @@ def train_round(
         frozen_record = to_record(frozen)
         down += record_bytes(frozen_record)
         for m in messages:
-            m.content["frozen"] = frozen_record
+            m.content[P.FROZEN] = frozen_record
     t_send = time.time()
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     result = RoundResult()
@@ -335,7 +328,7 @@ def train_round(
             continue
         recs = list(msg.content.array_records.values())
         metrics = _metrics_of(msg)
-        if len(recs) != 1 or set(recs[0].keys()) != {PACKED} or "num-examples" not in metrics:
+        if len(recs) != 1 or set(recs[0].keys()) != {PACKED} or P.NUM_EXAMPLES not in metrics:
             result.failed[site] = f"rejected: reply needs one ArrayRecord {{{PACKED!r}}} and num-examples"
             logger.warning("rejected reply from site %s: %s", site, result.failed[site])
             continue
@@ -400,10 +393,10 @@ def evaluate_round(
     """Held-out loss per site and the example-weighted mean."""
     config = ConfigRecord(
         {
-            "stage": stage,
-            "round": global_round,
-            "seed": cfg.seed,
-            "model-config": cfg.model.model_dump_json(),
+            P.STAGE: stage,
+            P.ROUND: global_round,
+            P.SEED: cfg.seed,
+            P.MODEL_CONFIG: cfg.model.model_dump_json(),
             **(extra_config or {}),
         }
     )
@@ -411,7 +404,7 @@ def evaluate_round(
     if frozen:
         rec = to_record(frozen)
         for m in messages:
-            m.content["frozen"] = rec
+            m.content[P.FROZEN] = rec
     per_site: dict[str, float] = {}
     failed: dict[str, str] = {}
     total, weight = 0.0, 0.0
@@ -421,7 +414,7 @@ def evaluate_round(
             failed[site] = reply_error(msg)[1]
             continue
         m = _metrics_of(msg)
-        loss, n = m.get("loss"), m.get("num-examples")
+        loss, n = m.get(P.LOSS), m.get(P.NUM_EXAMPLES)
         if loss is None or n is None or not math.isfinite(loss) or n <= 0:
             failed[site] = "evaluate reply needs a finite loss and positive num-examples"
             continue
@@ -567,8 +560,8 @@ def round_record(
             sites[site]["eval-loss"] = eval_sites[site]
     for site, reason in res.failed.items():
         sites[site] = {"status": "failed", "reason": reason[:500]}
-    train_seconds = [float(m["seconds"]) for m in res.accepted.values() if "seconds" in m]
-    task_seconds = [float(m["site-seconds"]) for m in res.accepted.values() if "site-seconds" in m]
+    train_seconds = [float(m[P.SECONDS]) for m in res.accepted.values() if P.SECONDS in m]
+    task_seconds = [float(m[P.SITE_SECONDS]) for m in res.accepted.values() if P.SITE_SECONDS in m]
     return {
         "round": global_round,
         "stage": stage,

@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from medisyn.server.checks import non_finite_problem
 from medisyn.server.config import StrategyConfig
 
-from medisyn.wire import PACKED, unpack
+from medisyn import protocol as P
+from medisyn.protocol import PACKED, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def make_strategy(cfg: StrategyConfig) -> FedAvg:
         min_train_nodes=1,
         min_evaluate_nodes=1,
         min_available_nodes=1,
-        weighted_by_key="num-examples",
+        weighted_by_key=P.NUM_EXAMPLES,
     )
     if cfg.name == "fedavg":
         return FedAvg(**common)
@@ -88,12 +89,12 @@ def aggregate_checked(
     msgs = []
     for msg, record, weight, loss in accepted:
         msg.content = RecordDict({
-            "arrays": ArrayRecord({PACKED: record[PACKED]}),
-            "metrics": MetricRecord({"num-examples": float(weight), "loss": float(loss)}),
+            P.ARRAYS: ArrayRecord({PACKED: record[PACKED]}),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: float(weight), P.LOSS: float(loss)}),
         })
         msgs.append(msg)
     agg_arrays, agg_metrics = strategy.aggregate_train(server_round, msgs)
-    loss = float(agg_metrics["loss"]) if agg_metrics is not None and "loss" in agg_metrics else None
+    loss = float(agg_metrics[P.LOSS]) if agg_metrics is not None and P.LOSS in agg_metrics else None
     if agg_arrays is None:
         return None, loss, None
     flat = np.asarray(agg_arrays[PACKED].numpy())

@@ -19,7 +19,7 @@ from medisyn.server.checks import Candidate, check_replies
 from medisyn.server.config import FederationConfig, StrategyConfig
 from medisyn.server.strategy import aggregate_checked, make_strategy
 
-from medisyn.wire import PACKED, layout_of, pack
+from medisyn.protocol import PACKED, layout_of, pack
 
 B = 2.0  # max_update_norm
 TOKEN = "run=7;round=3;nonce=abc123"
@@ -40,7 +40,7 @@ def _msg(flat: np.ndarray) -> tuple[Message, ArrayRecord]:
 
 
 def _unpacked(flat: np.ndarray) -> dict[str, np.ndarray]:
-    from medisyn.wire import unpack
+    from medisyn.protocol import unpack
 
     return unpack(flat, LAYOUT)
 

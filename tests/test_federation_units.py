@@ -424,7 +424,7 @@ def test_client_node_config_never_from_run_config(tmp_path, client_app):
     )
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
                   run_config={"site-config": str(write_site(tmp_path, "fundus"))})
-    reply = client_app(msg, ctx)  # a coded error reply (medisyn.wire), not an exception
+    reply = client_app(msg, ctx)  # a coded error reply (medisyn.protocol), not an exception
     code, text, site = fed.reply_error(reply)
     assert (code, site) == ("config", "unknown-site") and "node config" in text
 
@@ -441,6 +441,57 @@ def test_pack_unpack_round_trip_and_size_check():
         np.testing.assert_array_equal(back[k], a[k])
     with pytest.raises(ValueError, match="needs 17 values"):
         fed.unpack(flat[:-1], fed.layout_of(a))
+
+
+def test_frozen_weight_keys_round_trip_in_the_protocol():
+    from medisyn import protocol as P
+
+    by_stage = {"vae": {"dec/w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)},
+                "text": {"a": np.full((1, 2), 7, np.float32)}}
+    flat = P.pack(P.frozen_arrays(by_stage))
+    shapes = {s: {k: v.shape for k, v in st.items()} for s, st in by_stage.items()}
+    back = P.unpack_frozen(flat, shapes)
+    assert set(back) == {"vae", "text"} and set(back["vae"]) == {"dec/w", "b"}  # a name may hold "/"
+    for s, st in by_stage.items():
+        for k, v in st.items():
+            np.testing.assert_array_equal(back[s][k], v)
+    assert P.split_frozen_key(P.frozen_key("vae", "dec/w")) == ("vae", "dec/w")
+    for bad in ("novae", "/x", "vae/"):
+        with pytest.raises(ValueError):
+            P.split_frozen_key(bad)
+    with pytest.raises(ValueError):
+        P.frozen_key("a/b", "w")
+    assert P.decode_stages(P.encode_stages(["vae", "text"])) == ["vae", "text"]
+    assert P.decode_stages(None) == ["vae"]  # an older server that did not name the stages
+
+
+def test_site_loads_the_frozen_weights_the_server_writes(tmp_path):
+    """The server's stage payload (weights, frozen VAE, extra config) read by the site's own
+    model builder gives the coordinator's model, weight for weight."""
+    import torch
+
+    from medisyn import protocol as P
+    from medisyn.client.site import _components
+    from medisyn.config import load_site_config
+    from medisyn.models import trainable_state
+
+    cfg = fed_cfg(tmp_path)
+    model = fed.GlobalModel(cfg.model, seed=3)
+    with torch.no_grad():  # a VAE unlike the site's own fresh build
+        for p in model.components.vae.parameters():
+            p.add_(0.25)
+    state, frozen, extra = fed.stage_payload(model, cfg, "unet")
+    assert frozen and all(P.split_frozen_key(k)[0] == "vae" for k in frozen)
+    assert extra[P.FROZEN_STAGES] == "vae"
+    config = {P.STAGE: "unet", P.SEED: cfg.seed, P.MODEL_CONFIG: cfg.model.model_dump_json(), **extra}
+    site = load_site_config(write_site(tmp_path, "breast-us"))
+    comps, _, stage = _components(site, config, P.pack(state), P.pack(frozen))
+    assert stage == "unet"
+    for s in ("vae", "unet"):
+        want, got = trainable_state(model.components, s), trainable_state(comps, s)
+        assert set(want) == set(got)
+        for k in want:
+            torch.testing.assert_close(got[k].float(), want[k].float())
 
 
 # --------------------------------------------------------------------------- supervisors (no daemons)
@@ -550,7 +601,7 @@ def test_query_hook_enforces_site_policy(tmp_path, client_app):
         return Message(content=RecordDict({"config": ConfigRecord({"audit": audit})}),
                        message_type="query", dst_node_id=5, group_id="")
 
-    def refused(reply: Message, code: str, text: str) -> None:  # a coded error reply (medisyn.wire)
+    def refused(reply: Message, code: str, text: str) -> None:  # a coded error reply (medisyn.protocol)
         assert reply.has_error() and fed.reply_error(reply) == (code, fed.reply_error(reply)[1], "fundus")
         assert text in fed.reply_error(reply)[1]
 

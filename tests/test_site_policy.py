@@ -209,7 +209,7 @@ def test_server_reads_the_error_code_and_site_not_the_text(tmp_path):
     from flwr.app import Error, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from medisyn.wire import encode_site_error
+    from medisyn.protocol import encode_site_error
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     req = Message(RecordDict(), dst_node_id=7, message_type="train")
@@ -240,7 +240,7 @@ class SlippingGrid(LocalGrid):
     def send_and_receive(self, messages, *, timeout=None):
         from flwr.app import Array
 
-        from medisyn.wire import IMAGES
+        from medisyn.protocol import IMAGES
 
         for m in messages:
             rec = m.content.array_records.get("synthetic")

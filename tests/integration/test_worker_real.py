@@ -109,7 +109,7 @@ def test_foreign_fab_refused_and_killed_worker_restarted(tmp_path, cleanup):  # 
     from medisyn.client.supervisor import SiteSupervisor
     from medisyn.server.supervisor import ServerSupervisor
 
-    from medisyn.wire import decode_site_error
+    from medisyn.protocol import decode_site_error
 
     port = free_port()
     cleanup.ports.append(port)
