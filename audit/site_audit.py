@@ -16,21 +16,16 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from medisyn.audit import stats
-from medisyn.audit.calibration import (
-    View,
-    build_views,
-    clean_splits,
-    crossfit,
-    similarity_quantiles,
-    view_thresholds,
-)
+from medisyn.audit.calibration import View, similarity_quantiles
 from medisyn.audit.data import load_site_images
 from medisyn.audit.membership import components_loss_fn, membership_probe
+from medisyn.audit.prepare import PreparedIndex, prepare_index
 from medisyn.audit.report import (
     GalleryItem,
     ImageTypeMetrics,
@@ -47,13 +42,7 @@ from medisyn.audit.report import (
     render_release_html,
     render_site_html,
 )
-from medisyn.audit.settings import (
-    AuditConfig,
-    cpu_threads,
-    load_site,
-    make_embedders,
-    site_channels,
-)
+from medisyn.audit.settings import AuditConfig, cpu_threads, load_site
 from medisyn.audit.validate import run_validation
 from PIL import Image
 
@@ -65,13 +54,15 @@ log = logging.getLogger(__name__)
 AUDIT_VERSION = "0.1.0"
 _RUN_INFO = {"train_seconds", "final_loss", "n_train", "steps_done"}
 Synthetic = tuple[str, np.ndarray, str]
+# a keeper of prepared indexes: called with the build function, returns a kept index
+WarmIndex = Callable[[Callable[[], PreparedIndex]], PreparedIndex]
 
 
 class AuditRefused(MediSynError):
     """The site's policy does not allow the requested audit."""
 
     exit_code = 6
-    code = "policy-refused"  # the wire code of a site's refusal (medisyn.wire)
+    code = "policy-refused"  # the wire code of a site's refusal (medisyn.protocol)
 
 
 def _now() -> str:
@@ -177,6 +168,7 @@ def audit_synthetic_at_site(
     model_hash: str | None = None,
     per_sample_loss: Callable[..., np.ndarray] | None = None,
     validate: bool = True,
+    warm: WarmIndex | None = None,
 ) -> dict[str, Any]:
     """Audit synthetic images against this site's training data; return the aggregate.
 
@@ -185,21 +177,77 @@ def audit_synthetic_at_site(
     (if the site allows ``membership``) the membership probe run. ``out_dir``: where the
     site-local report goes (default ``<state_dir>/audit/reports/<timestamp>``). The return
     value is JSON-safe and checked by :func:`assert_shareable` before it is returned.
+    ``warm``: where a long-lived site worker keeps the query's prepared index between
+    queries (called with the build function; it returns a kept one built from the same
+    data, audit settings and model, or builds one).
     """
     if isinstance(site_config, str | Path):
         site_config, file_audit = load_site(Path(site_config))
         audit_config = audit_config or file_audit
     audit = audit_config or AuditConfig()
+    cfg = site_config
+
+    def build() -> PreparedIndex:
+        return prepare_index(load_site_images(cfg.dataset), audit, components=components,
+                             cache_dir=Path(cfg.site.state_dir) / "audit" / "encoders")
+
     with cpu_threads(audit.threads):
-        return _audit(site_config, synthetic_images, components, audit=audit, out_dir=out_dir,
+        return _audit(cfg, synthetic_images, components, audit=audit, out_dir=out_dir,
                       privacy=privacy, model_hash=model_hash, per_sample_loss=per_sample_loss,
-                      validate=validate)
+                      validate=validate, prepare=build if warm is None else (lambda: warm(build)))
 
 
 def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: Any | None, *,
            audit: AuditConfig, out_dir: Path | None, privacy: SitePrivacy | Mapping[str, Any] | None,
            model_hash: str | None, per_sample_loss: Callable[..., np.ndarray] | None,
-           validate: bool) -> dict[str, Any]:
+           validate: bool, prepare: Callable[[], PreparedIndex]) -> dict[str, Any]:
+    ids, syn_imgs, prompts = _check_query(cfg, synthetic_images)
+    state = Path(cfg.site.state_dir) / "audit"
+    out_dir = Path(out_dir) if out_dir is not None else (
+        state / "reports" / _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
+    # the site's real images indexed and calibrated once for the whole query (the
+    # validation below uses the same views)
+    prep = prepare()
+    validation = _detector_validation(prep, audit, state) if validate else None
+    scored = _score_synthetic(prep, syn_imgs, audit)
+    # held-out baseline: the K-fold cross-fitted flags of the clean held-out images
+    baseline = _rateci(int(prep.crossfit["flags"].sum()), len(prep.hold))
+    closer = _closer_to_train(prep, syn_imgs, audit)
+    types = site_groups(prompts, cfg.dataset)
+    per_type, overall = _group_metrics(prep, scored, types, ids, closer, baseline, audit,
+                                       k_min=int(cfg.privacy.audit_min_group))
+    membership = _membership(cfg, prep, audit, components, per_sample_loss)
+    agg = SiteAggregate(
+        site_id=cfg.site.id, created=_now(), audit_version=AUDIT_VERSION,
+        audit_config_hash=config_hash(audit.model_dump(mode="json", exclude={"local_embedders"})),
+        n_synthetic=len(ids), n_train_indexed=len(prep.train), n_holdout_calibration=len(prep.hold),
+        alpha=audit.alpha,
+        views=[ViewSummary(name=v.name, kind=str(v.embedder.describe().get("kind")),
+                           threshold=float(v.threshold), quantile=audit.quantile,
+                           n_holdout=int(v.calibration["n_holdout"]), note=v.calibration["note"],
+                           weights_sha256=v.embedder.describe().get("weights_sha256"),
+                           index=v.index.kind) for v in prep.views],
+        image_types=per_type, overall=overall,
+        flagged_ids=[ids[i] for i in np.where(scored.flagged)[0]],
+        patients_at_risk=len(_patients_at_risk(prep, scored)),
+        data_findings={k: v for k, v in prep.clean.findings.items() if isinstance(v, int | float) or v is None},
+        validation=_validation_summary(validation) if validation else None,
+        membership=membership, privacy=_privacy(cfg, privacy), model_hash=model_hash,
+    )
+    out = agg.model_dump(mode="json")
+    images = prep.images
+    forbidden = [str(cfg.dataset.path), str(cfg.site.state_dir),
+                 *[p for p in images.train_patients + images.holdout_patients if p]]
+    assert_shareable(out, forbidden=forbidden)
+    _write_site_report(out_dir, out, agg, prep, scored, ids, prompts, syn_imgs, types, validation)
+    log.info("site %s: %d/%d synthetic images flagged; reports in %s", cfg.site.id,
+             int(scored.flagged.sum()), len(ids), out_dir)
+    return out
+
+
+def _check_query(cfg: SiteConfig, synthetic_images: Sequence[Synthetic]
+                 ) -> tuple[list[str], list[np.ndarray], list[str]]:
+    """(ids, images, prompts) of the query; refused unless the site allows copy detection."""
     allowed = set(cfg.privacy.allowed_audits)
     if "copy-detection" not in allowed:
         raise AuditRefused(f"site {cfg.site.id}: privacy.allowed_audits = {sorted(allowed)} "
@@ -209,103 +257,94 @@ def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: A
     ids = [str(s[0]) for s in synthetic_images]
     if len(set(ids)) != len(ids):
         raise DataError("synthetic image ids are not unique")
-    syn_imgs = [np.asarray(s[1]) for s in synthetic_images]
-    prompts = [str(s[2]) for s in synthetic_images]
-    state = Path(cfg.site.state_dir) / "audit"
-    out_dir = Path(out_dir) if out_dir is not None else (
-        state / "reports" / _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
+    return ids, [np.asarray(s[1]) for s in synthetic_images], [str(s[2]) for s in synthetic_images]
 
-    images = load_site_images(cfg.dataset)
-    has_p = images.has_patients()
-    clean = clean_splits(images.train, images.holdout,
-                         train_patients=images.train_patients if has_p else None,
-                         holdout_patients=images.holdout_patients if has_p else None,
-                         near_dup=audit.near_duplicate)
-    train = [images.train[i] for i in clean.train_idx]
-    hold = [images.holdout[j] for j in clean.holdout_idx]
-    embs = make_embedders(audit, channels=site_channels(train), cache_dir=state / "encoders",
-                          components=components)
 
-    validation = None
-    if validate:
-        # reuse the site's last validation when data, settings and views are unchanged
-        from medisyn.audit.embedders import images_hash
+def _detector_validation(prep: PreparedIndex, audit: AuditConfig, state: Path) -> dict[str, Any]:
+    """The detector validation on the prepared views; the site's last one is reused when
+    its data, settings and views are unchanged (``<state>/validation.json``)."""
+    from medisyn.audit.embedders import images_hash
 
-        for e in embs:
-            e.fit(train)
-        key = config_hash({"train": images_hash(train), "holdout": images_hash(images.holdout),
-                           "audit": audit.model_dump(mode="json", exclude={"local_embedders"}),
-                           "views": [{k2: v2 for k2, v2 in e.describe().items()
-                                      if k2 not in _RUN_INFO} for e in embs]})
-        cached = state / "validation.json"
-        if cached.is_file():
-            try:
-                old = json.loads(cached.read_text())
-                if old.get("cache_key") == key:
-                    validation = old
-                    log.info("reusing detector validation from %s", cached)
-            except json.JSONDecodeError:
-                pass
-        if validation is None:
-            validation = run_validation(images, audit, embedders=embs, breakdown=False)
-            validation["cache_key"] = key
-            _write_json(cached, validation)
+    key = config_hash({"train": images_hash(prep.train), "holdout": images_hash(prep.images.holdout),
+                       "audit": audit.model_dump(mode="json", exclude={"local_embedders"}),
+                       "views": [{k2: v2 for k2, v2 in e.describe().items()
+                                  if k2 not in _RUN_INFO} for e in prep.embedders]})
+    cached = state / "validation.json"
+    if cached.is_file():
+        try:
+            old = json.loads(cached.read_text())
+            if old.get("cache_key") == key:
+                log.info("reusing detector validation from %s", cached)
+                return old
+        except json.JSONDecodeError:
+            pass
+    validation = run_validation(prep.images, audit, prepared=prep, breakdown=False)
+    validation["cache_key"] = key
+    _write_json(cached, validation)
+    return validation
 
-    for e in embs:
-        e.fit(train)
-    views = build_views(embs, train, audit)
-    # thresholds from all clean held-out images (audit.calibration: one threshold for the
-    # union, or per view); held-out baseline by K-fold cross-fitting
-    hold_scores = {v.name: v.score(hold)[0] for v in views}
-    thr, _cal = view_thresholds(hold_scores, audit.quantile, audit.calibration)
-    for v in views:
-        v.threshold = thr[v.name]
-        v.calibration = {"threshold": v.threshold, "quantile": audit.quantile,
-                         "calibration": audit.calibration, "n_holdout": len(hold),
-                         "note": stats.effective_quantile_note(len(hold), audit.quantile),
-                         "holdout_similarity_quantiles": similarity_quantiles(hold_scores[v.name])}
-    rng = np.random.default_rng(audit.seed)
-    base_flag = crossfit(hold_scores, audit.quantile, method=audit.calibration,
-                         folds=audit.calibration_folds, seed=audit.seed)["flags"]
-    baseline = _rateci(int(base_flag.sum()), len(hold))
 
-    k = min(audit.neighbours, len(train))
-    syn_scores: dict[str, np.ndarray] = {}
-    syn_nn: dict[str, np.ndarray] = {}
+@dataclass
+class _Scored:
+    """The synthetic images' top-k similarities and neighbours (clean training indices)
+    per view, and which fired."""
+
+    scores: dict[str, np.ndarray]
+    neighbours: dict[str, np.ndarray]
+    flagged: np.ndarray
+
+
+def _score_synthetic(prep: PreparedIndex, syn_imgs: list[np.ndarray], audit: AuditConfig) -> _Scored:
+    k = min(audit.neighbours, len(prep.train))
+    scores: dict[str, np.ndarray] = {}
+    nn: dict[str, np.ndarray] = {}
     flagged = np.zeros(len(syn_imgs), bool)
-    fired: dict[str, np.ndarray] = {}
-    for v in views:
-        s, i = v.score(syn_imgs, k=k) if k > 1 else (lambda a: (a[0][:, None], a[1][:, None]))(v.score(syn_imgs))
-        syn_scores[v.name], syn_nn[v.name] = s, i
-        fired[v.name] = s[:, 0] >= v.threshold
-        flagged |= fired[v.name]
+    for v in prep.views:
+        if k > 1:
+            s, i = v.score(syn_imgs, k=k)
+        else:
+            s1, i1 = v.score(syn_imgs)
+            s, i = s1[:, None], i1[:, None]
+        scores[v.name], nn[v.name] = s, i
+        flagged |= s[:, 0] >= v.threshold
+    return _Scored(scores, nn, flagged)
 
-    # share of synthetic closer to train than to held-out (equal-size sets, primary view)
-    pv = _primary(views)
-    n_eq = min(len(train), len(hold))
-    sub = rng.choice(len(train), n_eq, replace=False)
+
+def _closer_to_train(prep: PreparedIndex, syn_imgs: list[np.ndarray], audit: AuditConfig) -> np.ndarray:
+    """Per synthetic image: closer to a training image than to any held-out image
+    (equal-size sets, primary view)."""
     from medisyn.audit.index import NNIndex
 
+    rng = np.random.default_rng(audit.seed)
+    pv = _primary(prep.views)
+    n_eq = min(len(prep.train), len(prep.hold))
+    sub = rng.choice(len(prep.train), n_eq, replace=False)
     q = pv.embedder.embed(syn_imgs)
     s_tr = NNIndex(pv.train_vectors[sub]).search(q, 1)[0][:, 0]
-    s_ho = NNIndex(pv.embedder.embed(hold)).search(q, 1)[0][:, 0]
-    closer = s_tr > s_ho
+    s_ho = NNIndex(pv.embedder.embed(prep.hold)).search(q, 1)[0][:, 0]
+    return s_tr > s_ho
 
-    # patients (or images, where no ids exist) matched by a flag
+
+def _patients_at_risk(prep: PreparedIndex, scored: _Scored) -> set[str]:
+    """Patients (or images, where no ids exist) matched by a flag."""
     at_risk: set[str] = set()
-    for n_i in np.where(flagged)[0]:
-        for v in views:
-            for s_val, t_i in zip(syn_scores[v.name][n_i], syn_nn[v.name][n_i], strict=True):
+    for n_i in np.where(scored.flagged)[0]:
+        for v in prep.views:
+            for s_val, t_i in zip(scored.scores[v.name][n_i], scored.neighbours[v.name][n_i], strict=True):
                 if s_val >= v.threshold and t_i >= 0:
-                    orig = clean.train_idx[int(t_i)]
-                    pid = images.train_patients[orig] if has_p else None
-                    at_risk.add(f"p:{pid}" if pid is not None else f"i:{orig}")
+                    pid = prep.train_patient(int(t_i))
+                    at_risk.add(f"p:{pid}" if pid is not None else f"i:{prep.clean.train_idx[int(t_i)]}")
+    return at_risk
 
-    types = site_groups(prompts, cfg.dataset)
-    # A group's similarity statistics leave the site only for >= k images (site policy);
-    # the images of smaller groups are left out of every released statistic ("all"
-    # included), so no difference of two statistics isolates them. Flags always count.
-    k_min = int(cfg.privacy.audit_min_group)
+
+def _group_metrics(prep: PreparedIndex, scored: _Scored, types: list[str], ids: list[str],
+                   closer: np.ndarray, baseline: RateCI, audit: AuditConfig, *, k_min: int
+                   ) -> tuple[list[ImageTypeMetrics], ImageTypeMetrics]:
+    """Per site group and overall. A group's similarity statistics leave the site only for
+    >= ``k_min`` images (site policy); the images of smaller groups are left out of every
+    released statistic ("all" included), so no difference of two statistics isolates
+    them. Flags always count."""
+    views, flagged = prep.views, scored.flagged
     sizes = {t: types.count(t) for t in set(types)}
     in_stats = np.array([sizes[t] >= k_min for t in types], bool)
 
@@ -325,88 +364,78 @@ def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: A
         released = bool(sm.any())
         return ImageTypeMetrics(
             image_type=name, n_synthetic=n,
-            similarity_quantiles=({v.name: similarity_quantiles(syn_scores[v.name][sm, 0]) for v in views}
+            similarity_quantiles=({v.name: similarity_quantiles(scored.scores[v.name][sm, 0]) for v in views}
                                   if released else {}),
             flagged=_rateci(int(fl.sum()), n), holdout_baseline=baseline,
             p_value_vs_baseline=p, significantly_above_baseline=p < audit.alpha,
             closer_to_train=_rateci(int(closer[sm].sum()), n_s) if released else None,
             flagged_ids=[ids[i] for i in np.where(mask & flagged)[0]],
-            histograms=({v.name: make_histogram(syn_scores[v.name][sm, 0], hold_scores[v.name])
+            histograms=({v.name: make_histogram(scored.scores[v.name][sm, 0], prep.hold_scores[v.name])
                          for v in views} if released else {}),
             withheld=withheld,
         )
 
     per_type = [metrics(t, np.array([x == t for x in types])) for t in sorted(set(types))]
-    overall = metrics("all", np.ones(len(ids), bool))
+    return per_type, metrics("all", np.ones(len(ids), bool))
 
-    membership = None
-    if "membership" in allowed and (per_sample_loss is not None or components is not None):
-        fn = per_sample_loss or components_loss_fn(components, seed=audit.seed)
-        try:
-            mres = membership_probe(fn, train, hold, n_max=256, seed=audit.seed)
-            membership = MembershipSummary(**{k2: mres[k2] for k2 in MembershipSummary.model_fields})
-        except Exception as e:  # the copy audit must not fail because a model is odd
-            log.warning("membership probe failed: %s", e)
 
+def _membership(cfg: SiteConfig, prep: PreparedIndex, audit: AuditConfig, components: Any | None,
+                per_sample_loss: Callable[..., np.ndarray] | None) -> MembershipSummary | None:
+    """The loss-threshold membership probe, where the site allows it and a model is given."""
+    if "membership" not in cfg.privacy.allowed_audits or (per_sample_loss is None and components is None):
+        return None
+    fn = per_sample_loss or components_loss_fn(components, seed=audit.seed)
+    try:
+        mres = membership_probe(fn, prep.train, prep.hold, n_max=256, seed=audit.seed)
+        return MembershipSummary(**{k2: mres[k2] for k2 in MembershipSummary.model_fields})
+    except Exception as e:  # the copy audit must not fail because a model is odd
+        log.warning("membership probe failed: %s", e)
+        return None
+
+
+def _privacy(cfg: SiteConfig, privacy: SitePrivacy | Mapping[str, Any] | None) -> SitePrivacy:
     pr = privacy if isinstance(privacy, SitePrivacy) else SitePrivacy(**(privacy or {}))
     if pr.max_epsilon is None:
         pr = pr.model_copy(update={"max_epsilon": cfg.privacy.max_epsilon, "dp": cfg.privacy.dp})
-    findings = {k2: v2 for k2, v2 in clean.findings.items()
-                if isinstance(v2, int | float) or v2 is None}
-    agg = SiteAggregate(
-        site_id=cfg.site.id, created=_now(), audit_version=AUDIT_VERSION,
-        audit_config_hash=config_hash(audit.model_dump(mode="json", exclude={"local_embedders"})),
-        n_synthetic=len(ids), n_train_indexed=len(train), n_holdout_calibration=len(hold),
-        alpha=audit.alpha,
-        views=[ViewSummary(name=v.name, kind=str(v.embedder.describe().get("kind")),
-                           threshold=float(v.threshold), quantile=audit.quantile,
-                           n_holdout=int(v.calibration["n_holdout"]), note=v.calibration["note"],
-                           weights_sha256=v.embedder.describe().get("weights_sha256"),
-                           index=v.index.kind) for v in views],
-        image_types=per_type, overall=overall,
-        flagged_ids=[ids[i] for i in np.where(flagged)[0]],
-        patients_at_risk=len(at_risk), data_findings=findings,
-        validation=_validation_summary(validation) if validation else None,
-        membership=membership, privacy=pr, model_hash=model_hash,
-    )
-    out = agg.model_dump(mode="json")
-    forbidden = [str(cfg.dataset.path), str(cfg.site.state_dir),
-                 *[p for p in images.train_patients + images.holdout_patients if p]]
-    assert_shareable(out, forbidden=forbidden)
+    return pr
 
-    # ---- site-local report (stays on site)
+
+def _write_site_report(out_dir: Path, out: dict[str, Any], agg: SiteAggregate, prep: PreparedIndex,
+                       scored: _Scored, ids: list[str], prompts: list[str], syn_imgs: list[np.ndarray],
+                       types: list[str], validation: dict[str, Any] | None) -> None:
+    """The site-local report (stays on site): per image its neighbours in every view, with
+    their sources and patients, and the flagged pairs side by side."""
+    images = prep.images
     details = []
     flagged_pairs = []
     for n_i in range(len(ids)):
-        entry: dict[str, Any] = {"id": ids[n_i], "prompt": prompts[n_i], "flagged": bool(flagged[n_i]),
+        flagged = bool(scored.flagged[n_i])
+        entry: dict[str, Any] = {"id": ids[n_i], "prompt": prompts[n_i], "flagged": flagged,
                                  "image_type": types[n_i], "views": {}}
         neigh = []
-        for v in views:
+        for v in prep.views:
             nbs = []
-            for s_val, t_i in zip(syn_scores[v.name][n_i], syn_nn[v.name][n_i], strict=True):
-                orig = clean.train_idx[int(t_i)]
+            for s_val, t_i in zip(scored.scores[v.name][n_i], scored.neighbours[v.name][n_i], strict=True):
+                orig = prep.clean.train_idx[int(t_i)]
                 nbs.append({"similarity": float(s_val), "source": images.train_sources[orig]
                             if images.train_sources else str(orig),
-                            "patient": images.train_patients[orig] if has_p else None,
+                            "patient": prep.train_patient(int(t_i)),
                             "fires": bool(s_val >= v.threshold)})
-                if flagged[n_i] and len(neigh) < 6 and (s_val >= v.threshold or len(neigh) < 2):
+                if flagged and len(neigh) < 6 and (s_val >= v.threshold or len(neigh) < 2):
                     neigh.append({"view": v.name, "similarity": float(s_val),
                                   "source": nbs[-1]["source"], "patient": nbs[-1]["patient"],
                                   "image": images.train[orig]})
             entry["views"][v.name] = {"threshold": v.threshold, "neighbours": nbs}
         details.append(entry)
-        if flagged[n_i]:
+        if flagged:
             flagged_pairs.append({"id": ids[n_i], "prompt": prompts[n_i], "synthetic": syn_imgs[n_i],
                                   "neighbours": neigh})
     local = {"kind": "medisyn-site-local-audit-report", "warning": "contains site-local data; never share",
-             "aggregate": out, "views": [v.describe() for v in views],
-             "data_findings": clean.findings, "validation": validation, "synthetic": details}
+             "aggregate": out, "views": [v.describe() for v in prep.views],
+             "data_findings": prep.clean.findings, "validation": validation, "synthetic": details}
     _write_json(out_dir / "site_report.json", local)
     _write_text(out_dir / "site_report.html", render_site_html(agg, flagged_pairs))
     _write_json(out_dir / "aggregate.json", out)
-    log.info("site %s: %d/%d synthetic images flagged; reports in %s", cfg.site.id,
-             int(flagged.sum()), len(ids), out_dir)
-    return out
 
 
 def build_release_report(
@@ -607,7 +636,8 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
 def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | None = None,
                *, audit_config: AuditConfig | None = None,
                synthetic: Sequence[Synthetic] | None = None,
-               privacy: SitePrivacy | Mapping[str, Any] | None = None) -> dict[str, Any]:
+               privacy: SitePrivacy | Mapping[str, Any] | None = None,
+               warm: WarmIndex | None = None) -> dict[str, Any]:
     """The site's handler of the server's audit ``query`` (``client/site.py`` calls it).
 
     ``config``: ``audit`` (must be in the site's ``allowed_audits``; ``copy-detection``
@@ -618,7 +648,8 @@ def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | No
     sidecars on the site's machine). ε/δ: ``privacy``, else the site's own ledger
     (:func:`site_privacy`); a value the server put in ``config`` is never trusted.
     Returns the shareable aggregate (nested, JSON-safe). Audit settings: ``audit_config``,
-    else the site's ``[audit]`` table, else defaults.
+    else the site's ``[audit]`` table, else defaults. ``warm``: see
+    :func:`audit_synthetic_at_site`.
     """
     audit = str(config.get("audit", "copy-detection"))
     if audit not in site.privacy.allowed_audits:
@@ -643,4 +674,4 @@ def site_query(site: SiteConfig, config: Mapping[str, Any], components: Any | No
     return audit_synthetic_at_site(site, syn, components,
                                    privacy=privacy if privacy is not None else site_privacy(site),
                                    audit_config=audit_config,
-                                   model_hash=None if mh is None else str(mh))
+                                   model_hash=None if mh is None else str(mh), warm=warm)

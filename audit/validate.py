@@ -18,15 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from medisyn.audit import augment, stats
-from medisyn.audit.calibration import (
-    build_views,
-    clean_splits,
-    crossfit,
-    similarity_quantiles,
-    view_thresholds,
-)
 from medisyn.audit.data import SiteImages
-from medisyn.audit.settings import AuditConfig, cpu_threads, make_embedders, site_channels
+from medisyn.audit.prepare import PreparedIndex, prepare_index
+from medisyn.audit.settings import AuditConfig, cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -51,75 +45,66 @@ def plant(train: Sequence[np.ndarray], family: str, idx: np.ndarray, seed: int) 
 
 def run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path | None = None,
                    components: Any | None = None, embedders: list[Any] | None = None,
-                   breakdown: bool = True) -> dict[str, Any]:
-    """Validate the site's detector on its own data; returns the ``validation.json`` dict."""
+                   breakdown: bool = True, prepared: PreparedIndex | None = None) -> dict[str, Any]:
+    """Validate the site's detector on its own data; returns the ``validation.json`` dict.
+
+    ``prepared``: the query's index (:func:`medisyn.audit.prepare.prepare_index`), used as
+    it is (the site audit passes its own, so its embedders are fitted once); without it
+    one is prepared here from ``images`` (``cache_dir``, ``components``, ``embedders``).
+    """
     with cpu_threads(audit.threads):
-        return _run_validation(images, audit, cache_dir=cache_dir, components=components,
-                               embedders=embedders, breakdown=breakdown)
+        if prepared is None:
+            prepared = prepare_index(images, audit, cache_dir=cache_dir, components=components,
+                                     embedders=embedders)
+        return _run_validation(prepared, audit, breakdown=breakdown)
 
 
-def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path | None,
-                    components: Any | None, embedders: list[Any] | None,
-                    breakdown: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    clean = clean_splits(images.train, images.holdout,
-                         train_patients=images.train_patients if images.has_patients() else None,
-                         holdout_patients=images.holdout_patients if images.has_patients() else None,
-                         near_dup=audit.near_duplicate)
-    train = [images.train[i] for i in clean.train_idx]
-    hold = [images.holdout[j] for j in clean.holdout_idx]
-    rng = np.random.default_rng(audit.seed)
-    perm = rng.permutation(len(hold))
-    half = len(hold) // 2
-    calib = [hold[j] for j in perm[:half]]
-    fresh = [hold[j] for j in perm[half:]]
-    if len(calib) < 10 or len(fresh) < 10:
+def _split_check(prep: PreparedIndex, rng: np.random.Generator) -> None:
+    """The clean held-out images split in two halves must have 10 images each. The split
+    is drawn from ``rng`` (as it always was: the planted copies' sources follow it)."""
+    n = len(prep.hold)
+    rng.permutation(n)
+    if n // 2 < 10 or n - n // 2 < 10:
         from medisyn.errors import DataError
 
-        raise DataError(f"only {len(hold)} clean held-out images; validation needs at least 20")
+        raise DataError(f"only {n} clean held-out images; validation needs at least 20")
 
-    embs = embedders if embedders is not None else make_embedders(
-        audit, channels=site_channels(train), cache_dir=cache_dir, components=components)
-    t_fit = time.perf_counter()
-    for e in embs:
-        e.fit(train)
-    views = build_views(embs, train, audit)
-    fit_seconds = time.perf_counter() - t_fit
-    # Thresholds exactly as the site audit sets them (all clean held-out images); false
-    # positives by K-fold cross-fitting (thresholds from K-1 folds, flags on the last).
-    t_hold = time.perf_counter()
-    hold_scores = {v.name: v.score(hold)[0] for v in views}
-    hold_seconds = time.perf_counter() - t_hold
-    thr, cal_info = view_thresholds(hold_scores, audit.quantile, audit.calibration)
-    cf = crossfit(hold_scores, audit.quantile, method=audit.calibration,
-                  folds=audit.calibration_folds, seed=audit.seed)
-    for v in views:
-        hs = hold_scores[v.name]
-        v.threshold = thr[v.name]
-        v.calibration = {"threshold": v.threshold, "quantile": audit.quantile,
-                         "calibration": audit.calibration,
-                         "n_holdout": len(hold),
-                         "note": stats.effective_quantile_note(len(hold), audit.quantile),
-                         "fold_thresholds": [float(t[v.name]) for t in cf["fold_thresholds"]],
-                         "holdout_similarity_quantiles": similarity_quantiles(hs)}
 
+def _planted_detection(prep: PreparedIndex, audit: AuditConfig, rng: np.random.Generator, *,
+                       breakdown: bool) -> tuple[dict[str, Any], dict[str, dict[str, float]], dict[str, float], int]:
+    """Plant copies of random training images under each family; a plant is detected if
+    any view fires at its threshold. Returns (detection, per-view detection, seconds, n)."""
+    train, views = prep.train, prep.views
     n_plant = min(audit.n_plant, len(train))
     src = rng.choice(len(train), n_plant, replace=False)
     families = list(augment.FAMILIES) + (list(augment.SINGLE_TRANSFORMS) if breakdown else [])
     detection: dict[str, Any] = {}
-    per_view_detection: dict[str, dict[str, float]] = {v.name: {} for v in views}
-    family_seconds: dict[str, float] = {}
+    per_view: dict[str, dict[str, float]] = {v.name: {} for v in views}
+    seconds: dict[str, float] = {}
     for fi, fam in enumerate(families):
         t_f = time.perf_counter()
         planted = plant(train, fam, src, seed=audit.seed * 1000 + fi + 1)
         hit = np.zeros(n_plant, bool)
         for v in views:
-            s, nn = v.score(planted)
+            s, _nn = v.score(planted)
             fired = s >= v.threshold
-            per_view_detection[v.name][fam] = float(fired.mean())
+            per_view[v.name][fam] = float(fired.mean())
             hit |= fired
         detection[fam] = stats.rate(int(hit.sum()), n_plant)
-        family_seconds[fam] = round(time.perf_counter() - t_f, 2)
+        seconds[fam] = round(time.perf_counter() - t_f, 2)
+    return detection, per_view, seconds, n_plant
+
+
+def _run_validation(prep: PreparedIndex, audit: AuditConfig, *, breakdown: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(audit.seed)
+    _split_check(prep, rng)
+    views, hold, cf = prep.views, prep.hold, prep.crossfit
+    # Thresholds exactly as the site audit sets them (all clean held-out images, set by
+    # prepare_index); false positives by K-fold cross-fitting (thresholds from K-1 folds,
+    # flags on the last).
+    detection, per_view_detection, family_seconds, n_plant = _planted_detection(
+        prep, audit, rng, breakdown=breakdown)
 
     fp_any = cf["flags"]
     per_view_fp = {v.name: float(cf["per_view"][v.name].mean()) for v in views}
@@ -132,7 +117,7 @@ def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path |
         "false_positive_rate": fp["rate"] <= TARGETS["false_positive_rate"],
     }
     return {
-        "site_image_type": images.image_type,
+        "site_image_type": prep.images.image_type,
         "detection_rate": det_rate,
         "false_positive_rate": fp["rate"],
         "thresholds": {v.name: v.threshold for v in views},
@@ -147,14 +132,15 @@ def _run_validation(images: SiteImages, audit: AuditConfig, *, cache_dir: Path |
         "n_calibration": len(hold),
         "n_calibration_folds": cf["fold_sizes"],
         "n_fresh": len(hold),
-        "calibration": {**cal_info, "folds": cf["folds"]},
+        "calibration": {**prep.calibration, "folds": cf["folds"]},
         "quantile": audit.quantile,
-        "views": [v.describe() for v in views],
-        "data_findings": clean.findings,
-        "fit_seconds": round(fit_seconds, 2),
-        "holdout_score_seconds": round(hold_seconds, 2),
+        "views": [{**v.describe(), "fold_thresholds": [float(t[v.name]) for t in cf["fold_thresholds"]]}
+                  for v in views],
+        "data_findings": prep.clean.findings,
+        "fit_seconds": round(prep.timings["fit_seconds"], 2),
+        "holdout_score_seconds": round(prep.timings["holdout_score_seconds"], 2),
         "family_seconds": family_seconds,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(time.perf_counter() - t0 + prep.timings["seconds"], 2),
         "method": (f"thresholds ({audit.calibration}) from all clean held-out images, as the "
                    "site audit sets them; planted copies of random training images flagged by "
                    "any view at those thresholds; false positives by "

@@ -367,8 +367,25 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
                          tolerance=site.privacy.audit_verify_tolerance, site_id=site.site.id)
     # the site's [audit] table (thresholds, views, encoder settings), as read with its config
     audit_cfg = audit_config(site, Path(site_path).resolve().parent if site_path is not None else None)
+    model = fingerprint if components is not None else "none"
     return dict(site_query(site, {k: v for k, v in config.items() if k in (P.AUDIT, P.MODEL_HASH)},
-                           components, audit_config=audit_cfg, synthetic=synthetic))
+                           components, audit_config=audit_cfg, synthetic=synthetic,
+                           warm=_warm_audit_index(site, audit_cfg, model)))
+
+
+def _warm_audit_index(site: SiteConfig, audit_cfg: Any, model: str):  # noqa: ANN202
+    """The audit's prepared index (fitted encoders, views, thresholds over the site's real
+    images) kept warm in a long-lived worker (``medisyn.client.warm``), keyed by the content
+    it is built from: the dataset config and its files' contents, the audit settings and the
+    model's fingerprint (its VAE is a view). Another model, changed data or settings build a
+    new one; the query is still counted and admitted by the site's policy as before."""
+    from medisyn.audit.prepare import prepared_key
+    from medisyn.client.warm import WARM, content_key
+
+    key = content_key(*prepared_key(
+        dataset=site.dataset.model_dump_json(), data_files=WARM.hasher.tree(Path(site.dataset.path)),
+        audit=audit_cfg, model=model, cache_dir=Path(site.site.state_dir) / "audit" / "encoders"))
+    return lambda build: WARM.get("audit-index", key, build)
 
 
 def dumps_config(config: Mapping[str, Any]) -> str:

@@ -8,7 +8,10 @@ a new key and the old entry is dropped:
   prompt-embedding cache): every task gets fresh copies of the VAE and UNet, then loads
   the weights the message carries into them; the template itself is never trained;
 - the decoded dataset tensors for a (dataset config, data files, resolution, channels,
-  splits).
+  splits);
+- the copy-detection audit's prepared index (fitted encoders, views and thresholds over
+  the site's real images, ``medisyn.audit.prepare``) for a (dataset config, data files,
+  audit settings, model fingerprint).
 
 Never cached: the site config, its privacy policy and counters, the privacy ledger. They
 are read from disk at every task (``medisyn.client.site`` / ``medisyn.client.policy``), so

@@ -469,9 +469,9 @@ def test_site_loads_the_frozen_weights_the_server_writes(tmp_path):
     """The server's stage payload (weights, frozen VAE, extra config) read by the site's own
     model builder gives the coordinator's model, weight for weight."""
     import torch
+    from medisyn.client.site import _components
 
     from medisyn import protocol as P
-    from medisyn.client.site import _components
     from medisyn.config import load_site_config
     from medisyn.models import trainable_state
 
@@ -677,6 +677,47 @@ def test_release_audit_in_process(tmp_path, client_app):
     html = (out / "release_report.html").read_text()
     assert 'id="gate"' in html and 'id="missing"' in html and "chest-xray" in html
     assert "src=\"http" not in html
+
+
+def test_site_keeps_the_audit_index_warm_per_model_and_data(tmp_path, client_app):
+    """A long-lived site worker builds the audit's index (fitted encoders, views,
+    thresholds) once for a model and its data: a second audit query of the same model is
+    answered from it, fitting nothing, with the same flags; another model builds anew."""
+    from medisyn.audit import embedders as E
+    from medisyn.client.warm import WARM
+    from medisyn.server.audit import AuditRequest, run_audit
+    from safetensors.torch import load_file, save_file
+
+    WARM.clear()
+    sites = ["fundus"]
+    nodes = node_configs(tmp_path, sites=sites, privacy={"fundus": AUDIT_FAST})
+    grid = LocalGrid(nodes, client_app)
+    cfg = fed_cfg(tmp_path, sites=sites, stages=["unet"], local_steps=1)
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    fits = []
+    orig = E.PixelEmbedder.fit
+    E.PixelEmbedder.fit = lambda self, images: (fits.append(1), orig(self, images))[1]
+    try:
+        def audit(out: str) -> dict:
+            req = AuditRequest(run_dir=cfg.run_dir, out_dir=tmp_path / out, n_per_prompt=2, steps=2,
+                               prompts=["ophthalmology, fundus photograph, grade 0"])
+            assert run_audit(grid, cfg, req) == fed.Outcome.DONE
+            return json.loads((tmp_path / out / "release_report.json").read_text())
+
+        first = audit("a1")
+        assert len(fits) == 1 and len(WARM.keys("audit-index")) == 1
+        second = audit("a2")
+        assert len(fits) == 1 and len(WARM.keys("audit-index")) == 1  # the kept index served it
+        assert [s["flagged_ids"] for s in first["sites"]] == [s["flagged_ids"] for s in second["sites"]]
+        assert first["sites"][0]["views"] == second["sites"][0]["views"]
+        model_file = next((cfg.run_dir / "model" / "unet").glob("*.safetensors"))
+        state = load_file(str(model_file))
+        save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(model_file))
+        audit("a3")  # another model: its VAE view differs, a new index is built
+        assert len(fits) == 2 and len(WARM.keys("audit-index")) == 2
+    finally:
+        E.PixelEmbedder.fit = orig
+        WARM.clear()
 
 
 def test_audit_rejects_unshareable_aggregate(tmp_path, client_app):
