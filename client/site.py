@@ -242,11 +242,24 @@ def _open_ledger_if_trained(site: SiteConfig, n_records: int) -> None:
 
 def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
                frozen: np.ndarray | None, *, run_id: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train the stage locally; return (weights, reportable metrics)."""
+    """Train the stage locally; return (weights, reportable metrics).
+
+    A repeat of the last request (a round the coordinator redoes after a crash) is
+    answered with the stored reply, without training (``medisyn.client.replay``)."""
+    from medisyn.client import replay
+
     from medisyn.config import TrainConfig
     from medisyn.train import train_local
 
     t0 = time.perf_counter()
+    state_dir = Path(site.site.state_dir)
+    key = replay.request_key(site, config, arrays, frozen)
+    stored = replay.load_reply(state_dir, key)
+    if stored is not None:
+        logger.info("site %s: round %s repeats the last request: answering with the stored reply "
+                    "(no new steps, no new ε)", site.site.id, config.get(P.ROUND))
+        state, metrics = stored
+        return state, {**metrics, P.REPLAYED: 1, P.SITE_SECONDS: time.perf_counter() - t0}
     enforce_policy(site, config, arrays, frozen)
     if float(config.get(P.PROXIMAL_MU, 0.0)) > 0:
         import inspect
@@ -285,6 +298,10 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     reported = REPORTED_METRICS_DP if site.privacy.dp else REPORTED_METRICS
     metrics = {k: float(v) for k, v in result.metrics.items() if k in reported and isinstance(v, int | float)}
     metrics[P.NUM_EXAMPLES] = int(result.metrics[P.NUM_EXAMPLES])
+    try:
+        replay.store_reply(state_dir, key, state, metrics)
+    except OSError as e:  # the reply still goes out; a redo of this round would train again
+        logger.warning("site %s: could not keep the reply for a redone round: %s", site.site.id, e)
     metrics[P.SITE_SECONDS] = time.perf_counter() - t0
     return state, metrics
 

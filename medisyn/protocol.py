@@ -88,6 +88,7 @@ NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 SECONDS = "seconds"  # local training time
 SITE_SECONDS = "site-seconds"  # the whole task at the site
+REPLAYED = "replayed"  # 1: a repeated train request answered with the stored reply (client/replay.py)
 # Metrics a site may report (numbers only). Anything else the core returns stays local.
 # docs/privacy.md ("What leaves a site") says which are covered by DP and which are not.
 REPORTED_METRICS = (
