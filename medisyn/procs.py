@@ -119,17 +119,27 @@ class Daemon:
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def signal_group(self, sig: int) -> None:
-        """Signal the daemon's process group and the groups of all its descendants
-        (flower-superlink starts flower-superexec in a session of its own)."""
+    def track(self) -> set[int]:
+        """Remember the process groups of the daemon and all its descendants (flower-superlink
+        starts flower-superexec, and it the ServerApp, in sessions of their own). Call it while
+        the daemon runs: once it is dead its descendants are orphans no longer found under it,
+        and :meth:`kill` / :meth:`stop` still reach them through the groups remembered here."""
         if self.proc is None:
-            return
+            return set()
         groups = {self.proc.pid}
         for pid in descendants(self.proc.pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 groups.add(os.getpgid(pid))
         groups.discard(os.getpgrp())  # never our own group
         self._groups = getattr(self, "_groups", set()) | groups
+        return self._groups
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the daemon's process group and the groups of all its descendants, also
+        those remembered by :meth:`track`."""
+        if self.proc is None:
+            return
+        self.track()
         for g in self._groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, sig)
@@ -185,6 +195,38 @@ def descendants(pid: int) -> list[int]:
         out.append(p)
         stack.extend(children.get(p, []))
     return out
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22);
+    None if there is no such process (or no /proc). With the pid it names one process
+    even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether process ``pid`` runs (not a zombie) and, given ``start_time``
+    (:func:`process_start_time`), is still the process that had that start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: fall back to signal 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped
+        return False
+    return start_time is None or int(fields[19]) == int(start_time)
 
 
 def _group_alive(pgid: int) -> bool:

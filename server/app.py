@@ -32,6 +32,10 @@ def main(grid: Grid, context: Context) -> None:
         return
     resume = bool(context.run_config.get("resume", False))
     attempt = str(context.run_config.get("attempt", ""))
+    # who runs this attempt: the supervisor resumes the run if this process dies
+    from medisyn.server.supervisor import write_serverapp_record
+
+    write_serverapp_record(cfg.run_dir, attempt)
     # One ServerApp per run directory: a ServerApp orphaned by a crashed coordinator
     # must be gone before a resumed one touches the checkpoints.
     with run_dir_lock(cfg.run_dir):

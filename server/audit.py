@@ -51,12 +51,11 @@ from medisyn.server.federation import (
     wait_for_sites,
     write_status,
 )
-from medisyn.server.supervisor import ExitCode, ServerSupervisor, SupervisorError
+from medisyn.server.supervisor import ExitCode, ServerSupervisor, supervise
 from pydantic import BaseModel, ConfigDict, Field
 
 from medisyn import protocol as P
 from medisyn.errors import ConfigError
-from medisyn.procs import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +293,8 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
 class AuditSupervisor(ServerSupervisor):
     """``medisyn-server audit``: the SuperLink, the ``mode = "audit"`` submission, progress."""
 
+    recovers = False  # a lost audit is run again by hand (its SuperLink may be shared)
+
     def __init__(self, cfg: FederationConfig, req: AuditRequest, *, echo: Callable[[str], None] = print,
                  superlink: Any = None, poll: float = 1.0):
         super().__init__(cfg, resume=False, echo=echo, poll=poll)
@@ -340,30 +341,24 @@ def run_audit_command(req: AuditRequest, *, echo: Callable[[str], None] = print,
         echo(f"error: {e}")
         return int(ExitCode.CONFIG)
     sup = AuditSupervisor(cfg, req, echo=echo, superlink=superlink)
-    with sigterm_as_interrupt():
-        try:
-            sup.prepare()
-            sup.start_superlink()
-            sup.submit()
-            code = sup.watch()
-            if code != ExitCode.OK:
-                return int(code)
-            st = sup.status() or {}
-            report = Path(req.out_dir) / "release_report.json"
-            html = Path(req.out_dir) / "release_report.html"
-            echo(f"release report: {html}  (JSON: {report}; released images: {Path(req.out_dir) / 'released'})")
-            if st.get("gate"):
-                echo("release gate: PASS")
-                return 0
-            echo("release gate: FAIL")
-            for r in st.get("reasons", []):
-                echo(f"  - {r}")
-            return 1
-        except SupervisorError as e:
-            echo(f"error: {e}")
-            return int(e.code)
-        except KeyboardInterrupt:
-            echo("interrupted: stopping the audit")
-            return int(ExitCode.INTERRUPTED)
-        finally:
-            sup.close()
+
+    def body() -> int:
+        sup.prepare()
+        sup.start_superlink()
+        sup.submit()
+        code = sup.watch()
+        if code != ExitCode.OK:
+            return int(code)
+        st = sup.status() or {}
+        report = Path(req.out_dir) / "release_report.json"
+        html = Path(req.out_dir) / "release_report.html"
+        echo(f"release report: {html}  (JSON: {report}; released images: {Path(req.out_dir) / 'released'})")
+        if st.get("gate"):
+            echo("release gate: PASS")
+            return 0
+        echo("release gate: FAIL")
+        for r in st.get("reasons", []):
+            echo(f"  - {r}")
+        return 1
+
+    return supervise(body, close=sup.close, echo=echo, interrupted="stopping the audit")

@@ -43,12 +43,11 @@ from medisyn.server.audit import AuditProgress, AuditSupervisor, _query, load_ru
 from medisyn.server.checkpoint import atomic_write_text
 from medisyn.server.config import FederationConfig
 from medisyn.server.federation import GlobalModel, Outcome, stage_payload, to_record, wait_for_sites
-from medisyn.server.supervisor import ExitCode, SupervisorError
+from medisyn.server.supervisor import ExitCode, supervise
 from pydantic import BaseModel, ConfigDict, Field
 
 from medisyn import protocol as P
 from medisyn.errors import ConfigError
-from medisyn.procs import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -249,26 +248,20 @@ def run_evaluate_command(req: EvaluateRequest, *, echo: Callable[[str], None] = 
         echo(f"error: {e}")
         return int(ExitCode.CONFIG)
     sup = EvaluateSupervisor(cfg, req, echo=echo, superlink=superlink)  # type: ignore[arg-type]
-    with sigterm_as_interrupt():
-        try:
-            sup.prepare()
-            sup.start_superlink()
-            sup.submit()
-            code = sup.watch()
-            if code != ExitCode.OK:
-                return int(code)
-            st = sup.status() or {}
-            echo(f"evaluation report: {Path(req.out_dir) / 'evaluation.html'}  "
-                 f"(JSON: {Path(req.out_dir) / 'evaluation.json'})")
-            if st.get("sites_failed"):
-                echo(f"site(s) without an evaluation: {', '.join(st['sites_failed'])}")
-                return 1
-            return 0
-        except SupervisorError as e:
-            echo(f"error: {e}")
-            return int(e.code)
-        except KeyboardInterrupt:
-            echo("interrupted: stopping the evaluation")
-            return int(ExitCode.INTERRUPTED)
-        finally:
-            sup.close()
+
+    def body() -> int:
+        sup.prepare()
+        sup.start_superlink()
+        sup.submit()
+        code = sup.watch()
+        if code != ExitCode.OK:
+            return int(code)
+        st = sup.status() or {}
+        echo(f"evaluation report: {Path(req.out_dir) / 'evaluation.html'}  "
+             f"(JSON: {Path(req.out_dir) / 'evaluation.json'})")
+        if st.get("sites_failed"):
+            echo(f"site(s) without an evaluation: {', '.join(st['sites_failed'])}")
+            return 1
+        return 0
+
+    return supervise(body, close=sup.close, echo=echo, interrupted="stopping the evaluation")

@@ -202,10 +202,14 @@ def reply_error(msg: Message) -> tuple[str, str, str | None]:
     return info["code"], info["message"], info[P.SITE_ID]
 
 
-def reply_site(msg: Message, node_sites: dict[int, str]) -> str:
+def reply_site(msg: Message, node_sites: dict[int, str], sent: dict[str, int] | None = None) -> str:
     """The site a reply comes from: its ``site`` record, the site id field of its coded
-    error, or the site this node answered as before."""
+    error, or the site this node answered as before. ``sent`` (message id -> destination
+    node of the messages sent) names the node of an error the SuperLink wrote in its
+    place (e.g. ``Node Unavailable`` for a SuperNode that died with the message)."""
     node = msg.metadata.src_node_id
+    if msg.has_error() and node not in node_sites and sent:
+        node = sent.get(msg.metadata.reply_to_message_id, node)
     if msg.has_error():
         site = reply_error(msg)[2]
         if site is not None and _SITE_ID.fullmatch(site) and node not in node_sites:
@@ -305,12 +309,13 @@ def train_round(
             m.content[P.FROZEN] = frozen_record
     t_send = time.time()
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
     result = RoundResult()
     result.send_receive_seconds = time.time() - t_send
     candidates: list[Candidate] = []
     by_site: dict[str, Message] = {}
     for msg in replies:
-        site = reply_site(msg, node_sites)
+        site = reply_site(msg, node_sites, sent)
         if msg.has_error():
             code, reason, _ = reply_error(msg)
             result.failed[site] = reason

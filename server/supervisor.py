@@ -11,7 +11,13 @@
    submit the thin app bundle with ``flwr run``;
 4. follow ``RUN_DIR/metrics.jsonl`` and ``status.json`` (written by the ServerApp)
    and print one block per round; stop everything it started when the run ends,
-   fails, or on Ctrl-C / SIGTERM.
+   fails, or on Ctrl-C / SIGTERM;
+5. recover: if the SuperLink dies it is restarted (same port, sites enrolled again), and
+   if the ServerApp process dies (``RUN_DIR/serverapp.json`` names it) the old run is
+   stopped; either way the run is submitted again with ``resume``, so it continues at the
+   round after its last checkpoint (the round in flight is redone). At most
+   ``max_recoveries`` times in a row without a new round; a ServerApp that *fails* (an
+   exception: status ``failed``) is not retried.
 """
 
 from __future__ import annotations
@@ -33,7 +39,16 @@ from medisyn.server.config import ENROLMENT, FederationConfig, read_enrolment
 from medisyn.server.federation import Outcome, read_status
 
 from medisyn.exitcodes import ExitCode, exit_help
-from medisyn.procs import Daemon, child_env, executable, port_open, sigterm_as_interrupt, write_pids
+from medisyn.procs import (
+    Daemon,
+    child_env,
+    executable,
+    port_open,
+    process_alive,
+    process_start_time,
+    sigterm_as_interrupt,
+    write_pids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +71,47 @@ class SupervisorError(Exception):
     def __init__(self, message: str, code: ExitCode):
         super().__init__(message)
         self.code = code
+
+
+def supervise(body: Callable[[], int], *, close: Callable[[], None], echo: Callable[[str], None],
+              interrupted: str = "stopping every process") -> int:
+    """Run ``body`` (start processes, run, report; returns an exit code) so that whatever
+    happens every process it started is stopped: ``close`` always runs. SIGTERM is handled
+    as Ctrl-C. A :class:`SupervisorError` is printed and becomes its code, Ctrl-C / SIGTERM
+    prints ``interrupted: <interrupted>`` and becomes ``ExitCode.INTERRUPTED`` (130)."""
+    with sigterm_as_interrupt():
+        try:
+            return int(body())
+        except SupervisorError as e:
+            echo(f"error: {e}")
+            return int(e.code)
+        except KeyboardInterrupt:
+            echo(f"interrupted: {interrupted}")
+            return int(ExitCode.INTERRUPTED)
+        finally:
+            close()
+
+
+SERVERAPP_RECORD = "serverapp.json"
+
+
+def write_serverapp_record(run_dir: Path, attempt: str) -> None:
+    """Called by the ServerApp (train mode) first: ``RUN_DIR/serverapp.json`` names the
+    process running this attempt (pid and start time), so the supervisor can tell when it
+    dies without writing a final status."""
+    import os
+
+    pid = os.getpid()
+    atomic_write_text(Path(run_dir) / SERVERAPP_RECORD,
+                      json.dumps({"attempt": attempt, "pid": pid, "start": process_start_time(pid)}))
+
+
+def read_serverapp_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        rec = json.loads((Path(run_dir) / SERVERAPP_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("pid"), int) else None
 
 
 def fab_template() -> Path:
@@ -122,6 +178,8 @@ def format_round(rec: dict[str, Any]) -> str:
             lines.append(f"    {site:<14} FAILED  {m.get('reason', '')[:160]}")
             continue
         eps = f"  ε {m['epsilon']:.3g}" if "epsilon" in m else "  ε -"
+        if m.get("replayed"):  # a redone round the site answered with its stored reply
+            eps += " (replayed: no new steps)"
         lines.append(
             f"    {site:<14} ok  loss {m.get('loss', float('nan')):.4f}{eps}  "
             f"n {int(m.get('num-examples', 0))}  up {m.get('bytes-up', 0) / 1e6:.2f} MB  "
@@ -133,8 +191,12 @@ def format_round(rec: dict[str, Any]) -> str:
 class ServerSupervisor:
     """Owns the SuperLink process of one federated run."""
 
+    # resubmit the run when the SuperLink or the ServerApp dies (audit / evaluate: no)
+    recovers = True
+
     def __init__(self, cfg: FederationConfig, *, resume: bool = False,
-                 echo: Callable[[str], None] = print, poll: float = 1.0, fab_dir: Path | None = None):
+                 echo: Callable[[str], None] = print, poll: float = 1.0, fab_dir: Path | None = None,
+                 max_recoveries: int = 3):
         self.cfg = cfg
         self.fab_dir = Path(fab_dir) if fab_dir is not None else fab_template()
         self.resume = resume
@@ -146,6 +208,10 @@ class ServerSupervisor:
         self.run_id: str | None = None
         self.attempt = uuid.uuid4().hex[:16]  # tags the status.json of this submission
         self._printed = 0
+        self._last_round = 0  # the last round printed
+        self.max_recoveries = max_recoveries
+        self.recoveries: list[str] = []  # why the run was resubmitted, in order
+        self._in_a_row = 0  # recoveries since the last new round
 
     # ----------------------------------------------------------------- setup
     def prepare(self) -> None:
@@ -300,7 +366,23 @@ class ServerSupervisor:
         return new
 
     def print_new_rounds(self) -> list[dict[str, Any]]:
-        return self.print_new_lines(self.run_dir / "metrics.jsonl", format_round)
+        """Echo the rounds of ``metrics.jsonl`` after the last one printed (by round number:
+        a resumed ServerApp rewrites the file to match its checkpoint)."""
+        p = self.run_dir / "metrics.jsonl"
+        if not p.is_file():
+            return []
+        new = []
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line being appended
+                continue
+            if isinstance(rec, dict) and int(rec.get("round", 0)) > self._last_round:
+                new.append(rec)
+        for rec in sorted(new, key=lambda r: int(r["round"])):
+            self.echo(format_round(rec))
+            self._last_round = int(rec["round"])
+        return new
 
     def run_state(self) -> str | None:
         """Flower's view of the run (``flwr ls``), e.g. ``finished:failed``."""
@@ -322,36 +404,101 @@ class ServerSupervisor:
         st = read_status(self.status_dir)
         return st if st is not None and st.get("attempt") == self.attempt else None
 
+    def final_status(self) -> dict[str, Any] | None:
+        st = self.status()
+        return st if st is not None and st.get("state") in OUTCOME_EXIT else None
+
+    def serverapp_died(self) -> str | None:
+        """Why this submission's ServerApp is gone without a final status (None: it runs,
+        or has not started yet)."""
+        rec = read_serverapp_record(self.run_dir)
+        if rec is None or rec.get("attempt") != self.attempt:
+            return None
+        if process_alive(int(rec["pid"]), rec.get("start")):
+            return None
+        if self.final_status() is not None:  # it wrote its outcome and exited
+            return None
+        return f"the ServerApp (pid {rec['pid']}) died without finishing the run"
+
     def watch(self, flwr_check_every: float = 60.0) -> ExitCode:
         if self.resume:
             # the metrics of finished rounds are reprinted only if they are new
             p = self.run_dir / "metrics.jsonl"
             self._printed = len(p.read_text().splitlines()) if p.is_file() else 0
+            self._last_round = max((int(r.get("round", 0)) for r in _jsonl(p)), default=0)
         last_check = time.monotonic()
         while True:
-            self.print_new_rounds()
-            status = self.status()
+            if self.print_new_rounds():
+                self._in_a_row = 0  # progress: the recovery count starts again
+            status = self.final_status()
             if status is not None:
-                state = status.get("state")
-                if state in OUTCOME_EXIT:
-                    self.print_new_rounds()
-                    if status.get("message"):
-                        self.echo(f"run ended: {state}: {status['message']}")
-                    return OUTCOME_EXIT[state]
+                state = status["state"]
+                self.print_new_rounds()
+                if status.get("message"):
+                    self.echo(f"run ended: {state}: {status['message']}")
+                return OUTCOME_EXIT[state]
             if self.superlink is not None and not self.superlink.alive():
-                raise SupervisorError(
-                    f"flower-superlink died ({self.superlink.returncode}):\n{self.superlink.tail()}",
-                    ExitCode.INTERNAL,
-                )
+                why = f"flower-superlink died ({self.superlink.returncode})"
+                if not self.recovers:
+                    raise SupervisorError(f"{why}:\n{self.superlink.tail()}", ExitCode.INTERNAL)
+                self.recover(why, restart_superlink=True)
+                last_check = time.monotonic()
+                continue
+            if self.superlink is not None:
+                self.superlink.track()  # its superexec / ServerApp, to stop them if it dies
+            why = self.serverapp_died() if self.recovers else None
+            if why is not None:
+                self.recover(why)
+                last_check = time.monotonic()
+                continue
             if time.monotonic() - last_check > flwr_check_every:
                 last_check = time.monotonic()
                 st = self.run_state()
                 if st and st.startswith("finished") and (self.status() or {}).get("state") in (None, Outcome.RUNNING):
                     time.sleep(3)  # status.json may be written a moment after
                     if (self.status() or {}).get("state") in (None, Outcome.RUNNING):
-                        raise SupervisorError(f"the ServerApp ended ({st}) without finishing; "
-                                              f"see `flwr log {self.run_id}`", ExitCode.INTERNAL)
+                        why = f"the ServerApp ended ({st}) without finishing"
+                        if not self.recovers:
+                            raise SupervisorError(f"{why}; see `flwr log {self.run_id}`", ExitCode.INTERNAL)
+                        self.recover(why)
+                        continue
             time.sleep(self.poll)
+
+    def recover(self, why: str, *, restart_superlink: bool = False) -> None:
+        """Resubmit the run with ``resume`` after the SuperLink (restarted here) or the
+        ServerApp died: it continues at the round after its last checkpoint."""
+        self._in_a_row += 1
+        self.recoveries.append(why)
+        if self._in_a_row > self.max_recoveries:
+            raise SupervisorError(
+                f"{why}; gave up after {self.max_recoveries} recoveries without a new round "
+                f"(logs: {self.run_dir / 'logs'})", ExitCode.INTERNAL)
+        self.echo(f"{why}: resuming the run from its last checkpoint "
+                  f"(recovery {self._in_a_row} of at most {self.max_recoveries} in a row)")
+        if restart_superlink:
+            assert self.superlink is not None
+            self.superlink.kill()  # and what is left of its superexec / ServerApp
+            self.superlink = None
+            self.start_superlink()
+        else:
+            self.stop_run()
+        self.resume = True
+        self.attempt = uuid.uuid4().hex[:16]
+        self.submit()
+
+    def stop_run(self) -> None:
+        """``flwr stop`` this submission's run (best effort: it may be over already), so the
+        sites drop its tasks rather than finish them for nobody."""
+        if self.run_id is None:
+            return
+        try:
+            res = subprocess.run([executable("flwr"), "stop", self.run_id, "medisyn"],
+                                 capture_output=True, text=True, env=child_env(self.env()), timeout=60,
+                                 cwd=self.run_dir, start_new_session=True)
+            if res.returncode != 0:
+                logger.info("flwr stop %s: %s", self.run_id, (res.stdout + res.stderr).strip()[-300:])
+        except (subprocess.TimeoutExpired, OSError) as e:
+            logger.warning("flwr stop %s failed: %s", self.run_id, e)
 
     def close(self) -> None:
         if self.superlink is not None:
@@ -359,22 +506,29 @@ class ServerSupervisor:
             self.superlink = None
 
 
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
 def run_server(cfg: FederationConfig, *, resume: bool = False, echo: Callable[[str], None] = print) -> int:
     """Run a federation to its end; returns an :class:`ExitCode`."""
     sup = ServerSupervisor(cfg, resume=resume, echo=echo)
-    with sigterm_as_interrupt():
-        try:
-            sup.prepare()
-            sup.start_superlink()
-            sup.submit()
-            code = sup.watch()
-            echo(f"run directory: {sup.run_dir}  (metrics.jsonl, checkpoints/, model/, logs/)")
-            return int(code)
-        except SupervisorError as e:
-            echo(f"error: {e}")
-            return int(e.code)
-        except KeyboardInterrupt:
-            echo("interrupted: stopping the SuperLink")
-            return int(ExitCode.INTERRUPTED)
-        finally:
-            sup.close()
+
+    def body() -> int:
+        sup.prepare()
+        sup.start_superlink()
+        sup.submit()
+        code = sup.watch()
+        echo(f"run directory: {sup.run_dir}  (metrics.jsonl, checkpoints/, model/, logs/)")
+        return int(code)
+
+    return supervise(body, close=sup.close, echo=echo, interrupted="stopping the SuperLink")

@@ -122,7 +122,9 @@ def test_max_rounds_counts_the_sites_own_rounds_not_the_message_round(tmp_path, 
     _, nodes = _site(tmp_path, "[privacy]\nmax_rounds = 2\n")
     outcomes = []
     for i in range(3):
-        cfg = fed_cfg(tmp_path / f"r{i}", sites=["fundus"], stages=["unet"], local_steps=1)
+        # a new seed per run: an identical request would be answered with the site's stored
+        # reply (client/replay.py), without a new round to count
+        cfg = fed_cfg(tmp_path / f"r{i}", sites=["fundus"], stages=["unet"], local_steps=1, seed=i)
         grid = LocalGrid(nodes, client_app)
         outcomes.append(fed.run_federation(grid, cfg))
     assert outcomes == [fed.Outcome.DONE, fed.Outcome.DONE, fed.Outcome.BUDGET]
