@@ -480,8 +480,8 @@ class ServerSupervisor:
             self.superlink.kill()  # and what is left of its superexec / ServerApp
             self.superlink = None
             self.start_superlink()
-        else:
-            self.stop_run()
+        # the old run is gone with an in-memory SuperLink; with SQLite state it is stopped
+        self.stop_run()
         self.resume = True
         self.attempt = uuid.uuid4().hex[:16]
         self.submit()
