@@ -91,6 +91,11 @@ class VAEConfig(_Frozen):
     # Self-attention in the VAE's mid block: 6x the cost of a step at 32 px for no
     # measurable gain in reconstruction at f = 2 (docs/quality.md).
     mid_block_attention: bool = False
+    # Where the autoencoder starts: "procedural" = the weights MediSyn ships, pretrained on
+    # procedurally generated images only (no patient data; medisyn.models.procedural),
+    # available for the default architecture; "random" = a fresh init; "auto" = the
+    # shipped weights when they match this architecture, else random.
+    init: Literal["auto", "procedural", "random"] = "auto"
 
 
 class UNetConfig(_Frozen):

@@ -54,9 +54,15 @@ class _Frozen(BaseModel):
 
 
 class StrategyConfig(_Frozen):
-    """Server-side aggregation. ``fedprox`` needs ``proximal_mu``; ``fedadam`` the ``eta``/``beta``."""
+    """Server-side aggregation. ``fedprox`` needs ``proximal_mu``; ``fedadam`` the ``eta``/``beta``;
+    ``fedavgm`` (FedAvg with a server learning rate and momentum) ``server_lr``/``server_momentum``."""
 
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = "fedavg"
+    # FedAvgM: global += server_lr * (momentum buffer of the averaged site updates). With
+    # one image type per site, each site's type-specific progress reaches the average
+    # diluted by its weight (~1/4 with 4 sites); server_lr > 1 restores it (docs/quality.md).
+    server_lr: float = Field(default=1.0, gt=0, le=10)
+    server_momentum: float = Field(default=0.0, ge=0, lt=1)
     proximal_mu: float = Field(default=0.01, ge=0)
     eta: float = Field(default=1e-2, gt=0)  # FedAdam server learning rate
     eta_l: float = Field(default=1e-2, gt=0)

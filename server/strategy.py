@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from medisyn.server.checks import non_finite_problem
 from medisyn.server.config import StrategyConfig
 
@@ -42,6 +42,8 @@ def make_strategy(cfg: StrategyConfig) -> FedAvg:
             eta=cfg.eta, eta_l=cfg.eta_l, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau,
             **common,
         )
+    if cfg.name == "fedavgm":
+        return FedAvgM(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum, **common)
     raise ValueError(f"unknown strategy {cfg.name!r}")  # unreachable: config is validated
 
 
@@ -55,6 +57,11 @@ def export_state(strategy: FedAvg) -> tuple[dict[str, Any], dict[str, np.ndarray
             meta[moment] = sorted(value)
             for k, v in value.items():
                 arrays[f"{moment}/{k}"] = np.asarray(v)
+    momentum = getattr(strategy, "momentum_vector", None)  # FedAvgM
+    if momentum:
+        meta["momentum_vector"] = len(momentum)
+        for i, v in enumerate(momentum):
+            arrays[f"momentum_vector/{i}"] = np.asarray(v)
     return meta, arrays
 
 
@@ -67,6 +74,8 @@ def restore_state(strategy: FedAvg, meta: dict[str, Any], arrays: dict[str, np.n
     for moment in ("m_t", "v_t"):
         if moment in meta:
             setattr(strategy, moment, {k: arrays[f"{moment}/{k}"] for k in meta[moment]})
+    if "momentum_vector" in meta:
+        strategy.momentum_vector = [arrays[f"momentum_vector/{i}"] for i in range(int(meta["momentum_vector"]))]
 
 
 def aggregate_checked(

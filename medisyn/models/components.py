@@ -98,6 +98,10 @@ def build_tiny(cfg: ModelConfig, *, seed: int = 0) -> Components:
         scaling_factor=1.0,
         mid_block_add_attention=v.mid_block_attention,
     )
+    if v.init != "random":
+        from medisyn.models.procedural import load_pretrained
+
+        load_pretrained(vae, cfg, required=v.init == "procedural")
     u = cfg.unet
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.cross_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.cross_attention))
