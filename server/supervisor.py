@@ -446,9 +446,9 @@ class ServerSupervisor:
                 continue
             if self.superlink is not None:
                 self.superlink.track()  # its superexec / ServerApp, to stop them if it dies
-            why = self.serverapp_died() if self.recovers else None
-            if why is not None:
-                self.recover(why)
+            died = self.serverapp_died() if self.recovers else None
+            if died is not None:
+                self.recover(died)
                 last_check = time.monotonic()
                 continue
             if time.monotonic() - last_check > flwr_check_every:
