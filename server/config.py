@@ -265,6 +265,14 @@ def config_warnings(cfg: FederationConfig) -> list[str]:
     if uncapped or not cfg.sites:
         out.append("no max_examples cap for " + (f"sites {uncapped}" if cfg.sites else "any site")
                    + ": a site's num-examples claim sets its FedAvg weight unchecked")
+    if cfg.model.preset == "tiny" and "vae" not in cfg.stages:
+        from medisyn.models.procedural import shipped_for
+
+        if cfg.model.vae.init == "random" or shipped_for(cfg.model) is None:
+            out.append("stages has no 'vae' and this tiny autoencoder has no pretrained weights "
+                       f"([model.vae] init = {cfg.model.vae.init!r}, blocks "
+                       f"{list(cfg.model.vae.block_out_channels)}): the UNet learns on an untrained "
+                       "autoencoder; add stage 'vae' or keep the default architecture")
     return out
 
 

@@ -56,7 +56,9 @@ def procedural_images(n: int, resolution: int, gen: torch.Generator) -> torch.Te
     x = torch.einsum("nij,njhw->nihw", mix, x)
     x[grey] = x[grey, :1].expand(-1, 3, -1, -1)
     x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 1e-6)
-    x = x * (0.1 + 0.5 * torch.rand(n, 1, 1, 1, generator=gen)) + (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
+    offset = torch.rand(n, 3, 1, 1, generator=gen) - 0.5
+    offset[grey] = offset[grey, :1].expand(-1, 3, -1, -1)
+    x = x * (0.1 + 0.5 * torch.rand(n, 1, 1, 1, generator=gen)) + offset
     for _ in range(3):  # discs and ellipses, each present in half the images
         cx, cy = torch.rand(2, n, 1, 1, generator=gen) * 2 - 1
         rx, ry = 0.05 + 0.6 * torch.rand(2, n, 1, 1, generator=gen)
@@ -117,6 +119,10 @@ def load_pretrained(vae: torch.nn.Module, cfg: Any, *, required: bool) -> bool:
             )
         return False
     vae.load_state_dict(load_file(str(path)))
+    # The latent scale as Stable Diffusion sets it (1 / std of the latents), measured on
+    # held-out procedural images; a ``vae`` stage re-measures it on the sites' data.
+    info = json.loads(path.with_suffix(".json").read_text())
+    vae.register_to_config(scaling_factor=float(1.0 / info["latent_std"]))
     return True
 
 
@@ -141,11 +147,17 @@ def pretrain(cfg: Any, *, steps: int, batch: int, lr: float, seed: int, kl_weigh
         opt.step()
         if log_every and (step % log_every == 0 or step == steps):
             print(f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
-    held = procedural_images(256, cfg.resolution, torch.Generator().manual_seed(seed + 1))
-    with torch.no_grad():
-        mse = float((vae.decode(vae.encode(held).latent_dist.mean).sample - held).pow(2).mean())
     state = {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
-    return state, {"procedural_heldout_mse": round(mse, 6), "seconds": round(time.perf_counter() - t0, 1)}
+    return state, {**heldout_stats(vae, cfg.resolution, seed), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def heldout_stats(vae: torch.nn.Module, resolution: int, seed: int) -> dict[str, float]:
+    """Reconstruction MSE and latent std on 256 held-out procedural images (seed + 1)."""
+    held = procedural_images(256, resolution, torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        mean = vae.encode(held).latent_dist.mean
+        mse = float((vae.decode(mean).sample - held).pow(2).mean())
+    return {"procedural_heldout_mse": round(mse, 6), "latent_std": round(float(mean.std()), 6)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                            kl_weight=params["kl_weight"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(a.out))
+    a.out.chmod(0o644)  # package data: readable by the site daemon's user
     meta = {"name": SHIPPED_NAME, "architecture": _arch(cfg), "pretrain": params, **info,
             "data": "procedural images only (medisyn.models.procedural.procedural_images); no patient data"}
     a.out.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
