@@ -299,8 +299,23 @@ def write_pids(path: Path, daemons: Mapping[str, Daemon | None]) -> None:
     os.replace(tmp, path)
 
 
-def tree_rss_bytes(root_pid: int | None = None) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+def _pss_bytes(pid: int) -> int | None:
+    """Proportional set size (shared pages split among the processes mapping them)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_memory_bytes(root_pid: int | None = None, *, pss: bool = False) -> tuple[int, int | None]:
+    """(RSS, PSS) summed over a process and all its descendants (Linux /proc; 0 elsewhere).
+
+    The RSS sum counts a shared page (torch's libraries, mapped by every Python process
+    that imports torch) once per process; the PSS sum splits it among them, so it is the
+    memory the tree really holds. ``pss``: also read PSS (None when unreadable)."""
     root = os.getpid() if root_pid is None else root_pid
     parent: dict[int, int] = {}
     rss: dict[int, int] = {}
@@ -317,26 +332,40 @@ def tree_rss_bytes(root_pid: int | None = None) -> int:
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
+    total, stack, tree = 0, [root], []
     while stack:
         pid = stack.pop()
+        tree.append(pid)
         total += rss.get(pid, 0)
         stack.extend(children.get(pid, []))
-    return total
+    if not pss:
+        return total, None
+    shares = [_pss_bytes(pid) for pid in tree if pid in rss]
+    return total, (sum(shares) if shares and all(x is not None for x in shares) else None)  # type: ignore[misc]
+
+
+def tree_rss_bytes(root_pid: int | None = None) -> int:
+    """Resident memory (RSS sum) of a process and all its descendants."""
+    return tree_memory_bytes(root_pid)[0]
 
 
 class PeakRSS:
-    """Sample the RSS of this process tree in a thread; ``peak`` is the maximum seen."""
+    """Sample the memory of this process tree in a thread: ``peak`` is the largest RSS sum
+    seen, ``peak_pss`` the largest PSS sum (None where /proc has no smaps_rollup)."""
 
     def __init__(self, interval: float = 1.0):
         self.interval = interval
         self.peak = 0
+        self.peak_pss: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes())
+            rss, pss = tree_memory_bytes(pss=True)
+            self.peak = max(self.peak, rss)
+            if pss is not None:
+                self.peak_pss = max(self.peak_pss or 0, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
