@@ -111,5 +111,9 @@ def aggregate_checked(
     problem = non_finite_problem({PACKED: flat}) or non_finite_problem(state)
     if problem is not None:
         logger.error("round %d: %s; the global model is not updated", server_round, problem)
+        if hasattr(strategy, "current_arrays"):
+            # FedAvgM / FedOpt keep the model they produced as the next round's base: drop it,
+            # so the next configure_train takes the global model that was actually kept.
+            strategy.current_arrays = None
         return None, loss, problem
     return dict(state), loss, None
