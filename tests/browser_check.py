@@ -32,7 +32,7 @@ PROBE = """<script>
   window.addEventListener("error", function (e) {
     var t = e.target;
     if (t && t !== window && (t.src || t.href)) {
-      errors.push("failed to load " + (t.tagName || "") + " " + String(t.src || t.href).slice(0, 80));
+      errors.push("failed to load " + (t.tagName || "") + " " + String(t.src || t.href).slice(-80));
     } else {
       errors.push("uncaught: " + (e.message || String(e)));
     }
