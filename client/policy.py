@@ -76,16 +76,22 @@ def model_fingerprint(config: Mapping[str, Any], *arrays: Any) -> str:
 
     for key in MODEL_KEYS:
         h.update(f"{key}={config.get(key)!s};".encode())
+    hash_arrays(h, arrays)
+    return h.hexdigest()
+
+
+def hash_arrays(h: Any, arrays: Any) -> None:
+    """Feed ``arrays`` (in order; ``None`` for an absent one) into the hash ``h``: dtype,
+    shape and raw bytes of each, so equal hashes mean equal arrays."""
+    import numpy as np
+
     for a in arrays:
         if a is None:
             h.update(b"none;")
             continue
-        import numpy as np
-
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.data.cast("B"))
-    return h.hexdigest()
 
 
 class SitePolicy:

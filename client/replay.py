@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medisyn.client.policy import hash_arrays
 
 from medisyn import protocol as P
 from medisyn.config import SiteConfig
@@ -55,13 +56,7 @@ def request_key(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
         "config": {k: v for k, v in config.items() if k != P.REPLY_TOKEN},
     }
     h.update(json.dumps(ident, sort_keys=True, default=str).encode())
-    for a in (arrays, frozen):
-        if a is None:
-            h.update(b";none")
-            continue
-        a = np.ascontiguousarray(a)
-        h.update(f";{a.dtype.str}{a.shape};".encode())
-        h.update(a.data.cast("B"))
+    hash_arrays(h, (arrays, frozen))
     return h.hexdigest()
 
 

@@ -315,6 +315,14 @@ class AuditSupervisor(ServerSupervisor):
         if self.superlink is None:
             super().start_superlink(timeout)
 
+    def run_query(self) -> ExitCode:
+        """Prepare the output folder, start the SuperLink (unless shared), submit the
+        query run and watch it to its end."""
+        self.prepare()
+        self.start_superlink()
+        self.submit()
+        return self.watch()
+
     def run_config(self) -> dict[str, Any]:
         return {**super().run_config(), "mode": "audit",
                 "audit-request": str((self.out_dir / REQUEST_NAME).resolve())}
@@ -343,10 +351,7 @@ def run_audit_command(req: AuditRequest, *, echo: Callable[[str], None] = print,
     sup = AuditSupervisor(cfg, req, echo=echo, superlink=superlink)
 
     def body() -> int:
-        sup.prepare()
-        sup.start_superlink()
-        sup.submit()
-        code = sup.watch()
+        code = sup.run_query()
         if code != ExitCode.OK:
             return int(code)
         st = sup.status() or {}

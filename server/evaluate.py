@@ -250,10 +250,7 @@ def run_evaluate_command(req: EvaluateRequest, *, echo: Callable[[str], None] = 
     sup = EvaluateSupervisor(cfg, req, echo=echo, superlink=superlink)  # type: ignore[arg-type]
 
     def body() -> int:
-        sup.prepare()
-        sup.start_superlink()
-        sup.submit()
-        code = sup.watch()
+        code = sup.run_query()
         if code != ExitCode.OK:
             return int(code)
         st = sup.status() or {}
