@@ -278,6 +278,8 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     kwargs: dict[str, Any] = {}
     if float(config.get(P.PROXIMAL_MU, 0.0)) > 0:
         kwargs["proximal_mu"] = float(config[P.PROXIMAL_MU])
+    if P.ANCHOR_PROMPTS in config:
+        kwargs["anchor_prompts"] = P.decode_prompts(config[P.ANCHOR_PROMPTS])
     result = train_local(
         components,
         dataset,

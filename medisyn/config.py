@@ -165,6 +165,13 @@ class TrainConfig(_Frozen):
     # frequencies, 0 = uniform over prompts (rare labels drawn as often as common ones).
     # Non-DP training only: DP-SGD keeps Poisson sampling, which its accounting assumes.
     balance_power: float = Field(default=0.5, ge=0, le=1)
+    # Federated UNet rounds: keep what the round's global model predicts for the *other*
+    # sites' prompts while training on this site's own (prompt anchoring, medisyn.train.
+    # PromptAnchorHook). With one image type per site, plain FedAvg loses the routing from
+    # prompt to image type (docs/quality.md). The coordinator sends the prompts; 0 turns it off.
+    anchor_weight: float = Field(default=1.0, ge=0)
+    # Share of each batch re-used, under another site's prompt, for the anchor term.
+    anchor_fraction: float = Field(default=0.5, gt=0, le=1)
     lr_warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

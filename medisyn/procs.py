@@ -351,12 +351,15 @@ def tree_rss_bytes(root_pid: int | None = None) -> int:
 
 class PeakRSS:
     """Sample the memory of this process tree in a thread: ``peak`` is the largest RSS sum
-    seen, ``peak_pss`` the largest PSS sum (None where /proc has no smaps_rollup)."""
+    seen, ``peak_pss`` the largest PSS sum (None where /proc has no smaps_rollup), and
+    ``by_phase`` the largest RSS sum while :attr:`phase` (set by the caller) had each value."""
 
     def __init__(self, interval: float = 1.0):
         self.interval = interval
         self.peak = 0
         self.peak_pss: int | None = None
+        self.phase = "start"
+        self.by_phase: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
@@ -364,6 +367,7 @@ class PeakRSS:
         while not self._stop.is_set():
             rss, pss = tree_memory_bytes(pss=True)
             self.peak = max(self.peak, rss)
+            self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0), rss)
             if pss is not None:
                 self.peak_pss = max(self.peak_pss or 0, pss)
             self._stop.wait(self.interval)

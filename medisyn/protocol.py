@@ -14,7 +14,7 @@ Coordinator -> site (``train`` / ``evaluate``):
 - :data:`CONFIG`: ConfigRecord with :data:`STAGE`, :data:`ROUND` (a label only: the site
   counts rounds itself), :data:`SEED`, :data:`MODEL_CONFIG`, and for ``train``
   :data:`LOCAL_STEPS`, :data:`TRAIN_CONFIG`, :data:`REPLY_TOKEN`, :data:`PROXIMAL_MU`
-  (FedProx); :data:`LATENT_STD` for the tiny preset's UNet stage.
+  (FedProx); :data:`LATENT_STD` and :data:`ANCHOR_PROMPTS` for the tiny preset's UNet stage.
 
 Site -> coordinator: :data:`METRICS` (MetricRecord, always with :data:`NUM_EXAMPLES`),
 :data:`SITE_RECORD` (ConfigRecord: :data:`SITE_ID`, the echoed :data:`REPLY_TOKEN`), and
@@ -59,6 +59,9 @@ TRAIN_CONFIG = "train-config"  # TrainConfig JSON
 LOCAL_STEPS = "local-steps"
 REPLY_TOKEN = "reply-token"  # train: run id, round, nonce; echoed in the reply's site record
 PROXIMAL_MU = "proximal-mu"  # FedProx only
+# UNet rounds: JSON list of every site's prompts (from the prompts query), for prompt
+# anchoring (medisyn.train.PromptAnchorHook); prompts are dataset metadata, not records
+ANCHOR_PROMPTS = "anchor-prompts"
 LATENT_STD = "latent-std"  # the tiny VAE's latent scale (also a metric of the VAE stage)
 FROZEN_STAGES = "frozen-stages"  # comma-separated stages in the FROZEN record
 
@@ -93,7 +96,7 @@ REPLAYED = "replayed"  # 1: a repeated train request answered with the stored re
 # docs/privacy.md ("What leaves a site") says which are covered by DP and which are not.
 REPORTED_METRICS = (
     LOSS, "loss-first", NUM_EXAMPLES, "steps", SECONDS, "images-per-s",
-    "epsilon", "delta", "noise-multiplier", "sample-rate", LATENT_STD,
+    "epsilon", "delta", "noise-multiplier", "sample-rate", LATENT_STD, "anchor-prompts",
 )
 # Under DP, two avoidable outside-DP values stay at the site: the first batch's loss and
 # the images per second (the Poisson-sampled batch sizes of the round, summed).
@@ -197,6 +200,27 @@ def decode_stages(value: object | None) -> list[str]:
     if value is None:
         return list(DEFAULT_FROZEN_STAGES)
     return [s for s in str(value).split(",") if s]
+
+
+MAX_ANCHOR_PROMPTS = 4096
+
+
+def encode_prompts(prompts: Iterable[str]) -> str:
+    """The value of ANCHOR_PROMPTS: a JSON list of distinct prompts, sorted."""
+    return json.dumps(sorted({str(p) for p in prompts}))
+
+
+def decode_prompts(value: object) -> list[str]:
+    """The prompts an ANCHOR_PROMPTS value lists; ``ValueError`` naming the problem."""
+    try:
+        rows = json.loads(str(value))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ANCHOR_PROMPTS}: not JSON ({e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
+        raise ValueError(f"{ANCHOR_PROMPTS}: must be a JSON list of strings")
+    if len(rows) > MAX_ANCHOR_PROMPTS:
+        raise ValueError(f"{ANCHOR_PROMPTS}: {len(rows)} prompts, more than {MAX_ANCHOR_PROMPTS}")
+    return rows
 
 # --------------------------------------------------------------------------- images
 

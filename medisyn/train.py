@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,19 +142,28 @@ class UNetObjective:
     def prompt_index(self) -> torch.Tensor:
         return self.records[-1]
 
-    def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
-        mean, std, mean_f, std_f, may_flip, pidx = (t.to(self.device) for t in batch)
+    def noised(self, batch: tuple[torch.Tensor, ...], gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, noise, timesteps, noisy latents) of a batch: a mirrored view where
+        allowed, a latent drawn from each record's posterior, noise at random timesteps."""
+        mean, std, mean_f, std_f, may_flip = (t.to(self.device) for t in batch[:5])
         b = mean.shape[0]
         flip = (may_flip & _coin(b, gen, self.device))[:, None, None, None]
         mean, std = torch.where(flip, mean_f, mean), torch.where(flip, std_f, std)
         latents = (mean + std * torch.randn(mean.shape, generator=gen).to(self.device)) * self.c.scaling_factor
-        drop = torch.rand(b, generator=gen).to(self.device) < self.config.caption_dropout
-        pidx = torch.where(drop, torch.full_like(pidx, self.uncond), pidx)
-        emb = self.embeddings[pidx]
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
         sched = self.c.noise_scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(self.device)
-        noisy = sched.add_noise(latents, noise, t)
+        return latents, noise, t, sched.add_noise(latents, noise, t)
+
+    def loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
+        pidx = batch[5].to(self.device)
+        latents, noise, t, noisy = self.noised(batch, gen)
+        b = latents.shape[0]
+        drop = torch.rand(b, generator=gen).to(self.device) < self.config.caption_dropout
+        pidx = torch.where(drop, torch.full_like(pidx, self.uncond), pidx)
+        emb = self.embeddings[pidx]
+        sched = self.c.noise_scheduler
         with _autocast(self.device, self.config.mixed_precision):
             pred = module(noisy, t, encoder_hidden_states=emb).sample
         v_pred = sched.config.prediction_type == "v_prediction"
@@ -284,6 +294,47 @@ class ProximalHook:
 
     def on_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss + 0.5 * self.mu * sum((p - a).pow(2).sum() for p, a in zip(self.params, self.anchor, strict=True))
+
+
+class PromptAnchorHook:
+    """Prompt anchoring for federated UNet rounds: ``weight * ||f(x_t, t, c_j) - f0(x_t, t, c_j)||^2``.
+
+    ``f0`` is the round's global model (frozen at the start of local training), ``c_j``
+    a prompt of *another* site (drawn uniformly from the ones the coordinator sent, minus
+    this site's own), ``x_t`` this site's own noised latents (the first ``fraction`` of
+    the batch). A site whose prompt is constant locally otherwise moves the shared
+    weights so that every prompt yields its image type, and the average of such updates
+    loses the routing from prompt to type; anchoring keeps the other prompts' outputs
+    where the global model had them, so the local update goes through the prompt's own
+    pathway. This is FedNTD's not-true distillation (Lee et al., NeurIPS 2022) carried
+    over from class logits to denoiser predictions. Measured in docs/quality.md.
+
+    Non-DP training only: the term would need a second forward pass through Opacus'
+    per-sample hooks (a DP site trains without it and says so in its metrics).
+    """
+
+    def __init__(self, objective: UNetObjective, module: torch.nn.Module, prompts: list[str],
+                 weight: float, fraction: float):
+        import copy
+
+        self.objective, self.weight, self.fraction = objective, weight, fraction
+        own = set(objective.vocab)
+        self.prompts = sorted({p for p in prompts if p and p not in own})
+        self.teacher = copy.deepcopy(module).eval().requires_grad_(False) if self.prompts else None
+        self.embeddings = (objective.c.prompt_encoder.encode(self.prompts, device=objective.device)
+                           if self.prompts else None)
+
+    def on_loss(self, loss: torch.Tensor, module: torch.nn.Module, batch: tuple[torch.Tensor, ...],
+                gen: torch.Generator) -> torch.Tensor:
+        b = max(1, int(len(batch[0]) * self.fraction))
+        _, _, t, noisy = self.objective.noised(tuple(r[:b] for r in batch), gen)
+        j = torch.randint(0, len(self.prompts), (b,), generator=gen).to(noisy.device)
+        emb = self.embeddings[j]
+        with torch.no_grad(), _autocast(self.objective.device, self.objective.config.mixed_precision):
+            target = self.teacher(noisy, t, encoder_hidden_states=emb).sample
+        with _autocast(self.objective.device, self.objective.config.mixed_precision):
+            pred = module(noisy, t, encoder_hidden_states=emb).sample
+        return loss + self.weight * (pred.float() - target.float()).pow(2).mean()
 
 
 class CheckpointHook:
@@ -453,12 +504,17 @@ def train_local(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     proximal_mu: float = 0.0,
+    anchor_prompts: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``stage`` for ``steps`` optimizer steps on ``dataset``; see module docstring.
 
     The loop is built from named parts: an objective (the stage's loss), a stepper (plain
     label-balanced batches, or DP-SGD's Poisson batches through the site's ledger) and
-    hooks (EMA, FedProx's proximal term, periodic checkpoints).
+    hooks (EMA, FedProx's proximal term, prompt anchoring, periodic checkpoints).
+
+    ``anchor_prompts``: in a federated UNet round, the prompts of all sites (as the
+    coordinator sent them); with ``config.anchor_weight > 0`` the other sites' prompts
+    are anchored to the starting model (:class:`PromptAnchorHook`; not under DP).
 
     With ``privacy.dp`` the steps are DP-SGD steps and the site's ledger at
     ``ledger_path`` (a state directory) is restored first, checked against
@@ -505,6 +561,15 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     ema = EMAHook(params, config.ema_decay) if config.ema_decay else None
     proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
+    anchor = None
+    if isinstance(objective, UNetObjective) and config.anchor_weight > 0 and anchor_prompts:
+        if dp:
+            log.info("prompt anchoring is off under DP-SGD (site %s trains on its own prompts only)", site_id)
+        else:
+            anchor = PromptAnchorHook(objective, module, list(anchor_prompts), config.anchor_weight,
+                                      config.anchor_fraction)
+            if not anchor.prompts:
+                anchor = None
 
     start = 0
     ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
@@ -542,7 +607,8 @@ def train_local(
                 loss = objective.loss(module, batch, gen)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
-                stepper.apply(proximal.on_loss(loss) if proximal is not None else loss)
+                total = proximal.on_loss(loss) if proximal is not None else loss
+                stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None else total)
                 losses.append(float(loss.detach()))
                 seen += len(batch[0])
             for h in hooks:
@@ -567,6 +633,7 @@ def train_local(
         "steps": float(steps - start),
         "seconds": seconds,
         "images-per-s": seen / seconds if seconds > 0 else 0.0,
+        "anchor-prompts": float(len(anchor.prompts)) if anchor is not None else 0.0,
         **stepper.extra,
     }
     if stage == "vae":

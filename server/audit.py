@@ -36,16 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from medisyn.server.checkpoint import append_jsonl, atomic_write_text
 from medisyn.server.config import FederationConfig, federation_from_json
 from medisyn.server.federation import (
     GlobalModel,
     Outcome,
+    query_sites,
     read_status,
-    reply_error,
-    reply_site,
+    site_prompts,
     stage_payload,
     to_record,
     wait_for_sites,
@@ -114,29 +114,6 @@ class AuditProgress:
         write_status(self.out_dir, state, attempt=self.attempt, **extra)
 
 
-def _query(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], timeout: float,
-           node_sites: dict[int, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Send one ``query`` per node; return (site -> result JSON, site -> error)."""
-    msgs = [Message(content=content(), message_type=P.QUERY_MESSAGE, dst_node_id=n, group_id=P.QUERY_GROUP)
-            for n in nodes]
-    results: dict[str, dict[str, Any]] = {}
-    errors: dict[str, str] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
-        site = reply_site(reply, node_sites)
-        if reply.has_error():
-            errors[site] = reply_error(reply)[1]
-            continue
-        rec = reply.content.config_records.get(P.RESULT)
-        try:
-            results[site] = json.loads(str(rec[P.RESULT_JSON])) if rec is not None else {}
-        except (KeyError, json.JSONDecodeError) as e:
-            errors[site] = f"unreadable reply: {e}"
-        if site in results and not isinstance(results[site], dict):
-            errors[site] = "unreadable reply: not a JSON object"
-            results.pop(site)
-    return results, errors
-
-
 def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: str = "") -> str:
     """The ServerApp's audit mode; returns an :class:`Outcome` and writes the report."""
     from medisyn.audit import build_release_report
@@ -171,9 +148,7 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         prompts = sorted(set(req.prompts))
         progress(f"{len(prompts)} prompt(s) given: generating {req.n_per_prompt} image(s) each")
     else:
-        pr_results, pr_errors = _query(
-            grid, nodes, lambda: RecordDict({P.CONFIG: ConfigRecord({P.AUDIT: P.QUERY_PROMPTS})}),
-            req.timeout, node_sites)
+        pr_results, pr_errors = site_prompts(grid, nodes, req.timeout, node_sites)
         for site, err in pr_errors.items():
             progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
         prompts = sorted({str(p) for r in pr_results.values() for p in r.get(P.QUERY_PROMPTS, [])})
@@ -236,7 +211,7 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     progress(f"sending {len(synthetic)} synthetic image(s) to {len(nodes)} site(s); each audits "
              "them against its own data")
     t1 = time.time()
-    results, errors = _query(grid, nodes, content, req.timeout, node_sites)
+    results, errors = query_sites(grid, nodes, content, req.timeout, node_sites)
     aggregates: list[SiteAggregate] = []
     for site, res in sorted(results.items()):
         try:

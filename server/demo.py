@@ -255,6 +255,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
             # one thread per site process: 4 sites share 2 cores without oversubscription
             supervisors.append(SiteSupervisor(p, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                                               echo=echo).start())
+        rss.phase = "federation"
         server.submit()
         code = int(server.watch())
         t_fed = time.time() - t0
@@ -262,6 +263,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
             from medisyn.server.audit import AuditRequest, run_audit_command
 
             echo("federation finished; release audit at every site ...")
+            rss.phase = "audit"
             release = out_dir / "release"
             req = AuditRequest(run_dir=cfg.run_dir, out_dir=release, n_per_prompt=2 if quick else 4,
                                steps=10 if quick else 25, timeout=1800)
@@ -269,6 +271,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
             if audit_code not in (0, 1):  # 0/1: the report was written (gate pass/fail)
                 raise SupervisorError(f"the release audit failed (exit {audit_code})", ExitCode(audit_code))
             t_audit = time.time() - t0 - t_fed
+            rss.phase = "evaluation"
             evaluation = out_dir / "evaluation"
             eval_code = run_demo_evaluation(cfg.run_dir, evaluation, quick, echo=echo,
                                             superlink=server.superlink)
@@ -287,6 +290,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
                 "evaluation_all_sites": eval_code == 0,
                 "peak_rss_bytes": rss.peak,
                 "peak_pss_bytes": rss.peak_pss,
+                "peak_rss_bytes_by_phase": dict(rss.by_phase),
                 "model": str(cfg.run_dir / "model"),
                 "metrics": str(cfg.run_dir / "metrics.jsonl"),
                 "checkpoints": str(cfg.run_dir / "checkpoints"),

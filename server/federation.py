@@ -21,13 +21,13 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from medisyn.server.checkpoint import (
     Checkpoint,
@@ -245,6 +245,47 @@ def _token_of(msg: Message) -> str | None:
     rec = msg.content.config_records.get(P.SITE_RECORD)
     tok = rec.get(P.REPLY_TOKEN) if rec is not None else None
     return tok if isinstance(tok, str) else None
+
+
+def query_sites(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], timeout: float,
+                node_sites: dict[int, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Send one ``query`` per node; return (site -> result JSON, site -> error)."""
+    msgs = [Message(content=content(), message_type=P.QUERY_MESSAGE, dst_node_id=n, group_id=P.QUERY_GROUP)
+            for n in nodes]
+    results: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        site = reply_site(reply, node_sites)
+        if reply.has_error():
+            errors[site] = reply_error(reply)[1]
+            continue
+        rec = reply.content.config_records.get(P.RESULT)
+        try:
+            results[site] = json.loads(str(rec[P.RESULT_JSON])) if rec is not None else {}
+        except (KeyError, json.JSONDecodeError) as e:
+            errors[site] = f"unreadable reply: {e}"
+        if site in results and not isinstance(results[site], dict):
+            errors[site] = "unreadable reply: not a JSON object"
+            results.pop(site)
+    return results, errors
+
+
+def site_prompts(grid: Grid, nodes: list[int], timeout: float, node_sites: dict[int, str]
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The prompts query: every site's label prompts, image type and channels (or its error)."""
+    return query_sites(grid, nodes, lambda: RecordDict({P.CONFIG: ConfigRecord({P.AUDIT: P.QUERY_PROMPTS})}),
+                       timeout, node_sites)
+
+
+def anchor_prompts(grid: Grid, cfg: FederationConfig, node_sites: dict[int, str]) -> str | None:
+    """The ANCHOR_PROMPTS value for UNet rounds: every answering site's prompts. A site that
+    refuses the prompts query (its policy) trains on; its prompts are then not anchored."""
+    results, errors = site_prompts(grid, sorted(grid.get_node_ids()), cfg.round_timeout, node_sites)
+    for site, err in sorted(errors.items()):
+        logger.warning("prompt anchoring goes without site %s's prompts: %s", site, err[:200])
+    prompts = {str(p) for r in results.values() for p in r.get(P.QUERY_PROMPTS, []) if isinstance(p, str)}
+    logger.info("prompt anchoring: %d prompt(s) from %d site(s)", len(prompts), len(results))
+    return P.encode_prompts(prompts) if len(results) >= 2 else None
 
 
 def wait_for_sites(grid: Grid, n: int, timeout: float, poll: float = 1.0) -> int:
@@ -476,6 +517,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     status(run_dir, Outcome.RUNNING, round=start - 1, total_rounds=cfg.total_rounds)
 
     node_sites: dict[int, str] = {}
+    anchor: str | None = None  # every site's prompts, asked once at the first UNet round
     strategy: Any = None
     strategy_stage: Stage | None = None
     for global_round, stage, stage_round in plan[start - 1 :]:
@@ -492,6 +534,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             return Outcome.NO_SITES
         t0 = time.time()
         current, frozen, extra = stage_payload(model, cfg, stage)
+        if stage == "unet" and cfg.train.anchor_weight > 0:
+            if anchor is None:  # "": asked, too few answers; not asked again this run
+                anchor = anchor_prompts(grid, cfg, node_sites) or ""
+            if anchor:
+                extra[P.ANCHOR_PROMPTS] = anchor
         kw = dict(
             global_round=global_round, stage=stage, stage_round=stage_round,
             frozen=frozen or None, node_sites=node_sites, extra_config=extra,

@@ -27,6 +27,7 @@ from medisyn.server.checks import Candidate, check_replies
 from medisyn.server.config import FederationConfig, load_federation_config
 from medisyn.server.strategy import export_state, make_strategy, restore_state
 
+from medisyn import protocol as P
 from medisyn.config import ModelConfig, TrainConfig, UNetConfig, VAEConfig
 from medisyn.errors import ConfigError, PrivacyBudgetError
 
@@ -53,7 +54,8 @@ class LocalGrid(Grid):
         self.node_configs = node_configs
         self.client_app = client_app
         self.tamper = tamper or {}
-        self.replies: list[Message] = []  # every reply any ClientApp produced
+        self.replies: list[Message] = []  # every train/evaluate reply any ClientApp produced
+        self.query_replies: list[Message] = []  # and every query reply (prompts, audit)
         self.crash_after_sends: int | None = None
         self.sends = 0
         TaskIdentity.run_id = 1
@@ -80,7 +82,10 @@ class LocalGrid(Grid):
         raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        self.sends += 1
+        messages = list(messages)
+        query = all(m.metadata.message_type == P.QUERY_MESSAGE for m in messages)
+        if not query:  # rounds only: the prompts query before the first UNet round is not counted
+            self.sends += 1
         if self.crash_after_sends is not None and self.sends > self.crash_after_sends:
             raise KeyboardInterrupt("simulated coordinator crash")
         out = []
@@ -91,7 +96,7 @@ class LocalGrid(Grid):
                 reply = self.client_app(msg, ctx)
             except Exception as ex:  # what flwr-clientapp does with an exception
                 reply = Message(Error(code=2, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=msg)
-            self.replies.append(reply)
+            (self.query_replies if query else self.replies).append(reply)
             if node in self.tamper and not reply.has_error():
                 reply = self.tamper[node](self.node_configs[node]["site-config"], reply)
             out.append(reply)
@@ -208,9 +213,22 @@ def test_federation_in_process_trains_checkpoints_and_replies_are_clean(tmp_path
     # every reply any ClientApp produced: nothing but weights, numbers, the site id
     model_sizes = {sum(v.size for v in initial[s].values()) for s in ("vae", "unet")}
     secrets = [str(tmp_path), str(DEMO)]
+    queries = grid.query_replies
     assert len(grid.replies) == 4 * 3  # 2 train + 2 evaluate rounds x 3 sites
     for reply in grid.replies:
         assert_reply_is_clean(reply, model_sizes, secrets)
+    # one prompts query before the first UNet round (prompt anchoring): label prompts only
+    assert len(queries) == 3
+    own: dict[str, list[str]] = {}
+    for reply in queries:
+        answer = json.loads(reply.content.config_records[P.RESULT][P.RESULT_JSON])
+        assert set(answer) == {P.QUERY_PROMPTS, P.PROMPTS_IMAGE_TYPE, P.PROMPTS_CHANNELS}
+        assert not any(s in json.dumps(answer) for s in secrets)
+        own[reply.content.config_records["site"]["site-id"]] = answer[P.QUERY_PROMPTS]
+    everyone = {p for ps in own.values() for p in ps}
+    unet = records[1]["sites"]
+    # every site anchored exactly the other sites' prompts
+    assert {s: m["anchor-prompts"] for s, m in unet.items()} == {s: len(everyone) - len(own[s]) for s in SITES}
 
 
 def test_nan_site_is_rejected_and_model_unaffected(tmp_path, client_app):

@@ -279,7 +279,7 @@ def test_audit_query_with_a_real_image_slipped_in_is_refused(tmp_path, client_ap
     assert rep.sites == [] and not rep.gate.passed
     reason = rep.site_errors["fundus"]
     assert "refused" in reason and "is not what the model makes" in reason and "00001" in reason, reason
-    (reply,) = grid.replies
+    (reply,) = grid.query_replies
     assert fed.reply_error(reply)[0] == "policy-refused"
 
 

@@ -1,0 +1,96 @@
+"""Prompt anchoring (medisyn.train.PromptAnchorHook): a site training on its own prompts
+keeps the round's global model's predictions for the other sites' prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medisyn import protocol as P
+from medisyn.config import TrainConfig, load_dataset_config
+from medisyn.data import load_dataset
+from medisyn.models import build_components
+from medisyn.train import PromptAnchorHook, UNetObjective, evaluate_loss, pick_device, train_local
+
+OTHERS = ["radiology, chest x-ray, pneumonia", "dermatology, dermoscopy, melanoma"]
+
+
+@pytest.fixture
+def breast_ds(demo_site_toml, tiny_cfg):
+    cfg = load_dataset_config(demo_site_toml)
+    return load_dataset(cfg, resolution=tiny_cfg.resolution, channels=3, splits=["train"])
+
+
+@torch.no_grad()
+def _predictions(c, prompts: list[str]) -> torch.Tensor:
+    """The UNet's outputs for ``prompts`` at fixed noisy inputs and timesteps."""
+    g = torch.Generator().manual_seed(7)
+    unet = c.unet.eval()
+    size = unet.config.sample_size
+    x = torch.randn(8, unet.config.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    outs = []
+    for p in prompts:
+        emb = c.prompt_encoder.encode([p] * 8, device=torch.device("cpu"))
+        outs.append(unet(x, t, encoder_hidden_states=emb).sample)
+    return torch.stack(outs)
+
+
+def test_the_hook_anchors_only_other_prompts_and_starts_at_zero(breast_ds, tiny_cfg):
+    c = build_components(tiny_cfg, seed=3)
+    cfg = TrainConfig(batch_size=8)
+    obj = UNetObjective(c, breast_ds, cfg, pick_device())
+    own = obj.vocab[0]
+    hook = PromptAnchorHook(obj, c.unet, [own, "", *OTHERS, OTHERS[0]], weight=1.0, fraction=0.5)
+    assert hook.prompts == sorted(OTHERS)  # own prompts, "" and repeats dropped
+    batch = tuple(r[:8] for r in obj.records)
+    base = torch.tensor(0.25)
+    # the module is the teacher at the start: the anchor term is exactly zero
+    assert float(hook.on_loss(base, c.unet, batch, torch.Generator().manual_seed(0)).detach()) == pytest.approx(0.25, abs=1e-7)
+
+
+def test_anchoring_keeps_other_prompts_and_still_learns_own(breast_ds, tiny_cfg):
+    def train(weight: float):
+        c = build_components(tiny_cfg, seed=2)
+        before = _predictions(c, OTHERS)
+        own_before = evaluate_loss(c, breast_ds, stage="unet", max_batches=2)
+        cfg = TrainConfig(batch_size=8, lr=3e-3, anchor_weight=weight, ema_decay=None)
+        r = train_local(c, breast_ds, steps=12, config=cfg, stage="unet", progress=False,
+                        anchor_prompts=OTHERS)
+        moved = float((_predictions(c, OTHERS) - before).pow(2).mean())
+        own_after = evaluate_loss(c, breast_ds, stage="unet", max_batches=2)
+        return moved, r.metrics, own_before, own_after
+
+    free, m_free, _, _ = train(0.0)
+    anchored, m_anch, own_before, own_after = train(10.0)
+    assert m_free["anchor-prompts"] == 0 and m_anch["anchor-prompts"] == len(OTHERS)
+    # the other prompts' predictions move far less when anchored ...
+    assert anchored < 0.5 * free, (anchored, free)
+    # ... while the site's own held-out loss still falls
+    assert own_after < own_before, (own_before, own_after)
+
+
+def test_a_dp_site_trains_without_the_anchor(tmp_path, breast_ds, tiny_cfg):
+    from medisyn.config import PrivacyConfig
+
+    dp = PrivacyConfig(dp=True, noise_multiplier=1.0, max_epsilon=50.0, accountant="rdp")
+    r = train_local(build_components(tiny_cfg), breast_ds, steps=2, config=TrainConfig(batch_size=8), stage="unet",
+                    privacy=dp, ledger_path=tmp_path, site_id="s", progress=False, anchor_prompts=OTHERS)
+    assert r.metrics["anchor-prompts"] == 0 and r.metrics["steps"] == 2
+
+
+def test_no_anchor_without_other_prompts(breast_ds, tiny_cfg):
+    c = build_components(tiny_cfg, seed=1)
+    obj = UNetObjective(c, breast_ds, TrainConfig(), pick_device())
+    r = train_local(c, breast_ds, steps=1, config=TrainConfig(batch_size=4), stage="unet", progress=False,
+                    anchor_prompts=list(obj.vocab[:-1]))
+    assert r.metrics["anchor-prompts"] == 0
+
+
+def test_anchor_prompts_encoding_and_named_errors():
+    assert P.decode_prompts(P.encode_prompts(["b", "a", "b"])) == ["a", "b"]
+    for bad, words in (("{", "not JSON"), ('{"a": 1}', "list of strings"), ("[1, 2]", "list of strings"),
+                       (str(["x"] * (P.MAX_ANCHOR_PROMPTS + 1)).replace("'", '"'), "more than")):
+        with pytest.raises(ValueError, match=words) as e:
+            P.decode_prompts(bad)
+        assert P.ANCHOR_PROMPTS in str(e.value)
