@@ -170,8 +170,9 @@ class TrainConfig(_Frozen):
     # PromptAnchorHook). With one image type per site, plain FedAvg loses the routing from
     # prompt to image type (docs/quality.md). The coordinator sends the prompts; 0 turns it off.
     anchor_weight: float = Field(default=1.0, ge=0)
-    # Share of each batch re-used, under another site's prompt, for the anchor term.
-    anchor_fraction: float = Field(default=0.5, gt=0, le=1)
+    # Share of each batch re-used, under another site's prompt, for the anchor term
+    # (its cost: about this fraction of a step's compute again).
+    anchor_fraction: float = Field(default=0.25, gt=0, le=1)
     lr_warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

@@ -301,16 +301,14 @@ class PromptAnchorHook:
 
     ``f0`` is the round's global model (frozen at the start of local training), ``c_j``
     a prompt of *another* site (drawn uniformly from the ones the coordinator sent, minus
-    this site's own), ``x_t`` this site's own noised latents (the first ``fraction`` of
-    the batch). A site whose prompt is constant locally otherwise moves the shared
-    weights so that every prompt yields its image type, and the average of such updates
-    loses the routing from prompt to type; anchoring keeps the other prompts' outputs
-    where the global model had them, so the local update goes through the prompt's own
-    pathway. This is FedNTD's not-true distillation (Lee et al., NeurIPS 2022) carried
-    over from class logits to denoiser predictions. Measured in docs/quality.md.
-
-    Non-DP training only: the term would need a second forward pass through Opacus'
-    per-sample hooks (a DP site trains without it and says so in its metrics).
+    this site's own), ``x_t`` noised latents: this site's own (the first ``fraction`` of
+    the batch), or under DP public ones (:meth:`public_grads`). A site whose prompt is
+    constant locally otherwise moves the shared weights so that every prompt yields its
+    image type, and the average of such updates loses the routing from prompt to type;
+    anchoring keeps the other prompts' outputs where the global model had them, so the
+    local update goes through the prompt's own pathway. This is FedNTD's not-true
+    distillation (Lee et al., NeurIPS 2022) carried over from class logits to denoiser
+    predictions. Measured in docs/quality.md.
     """
 
     def __init__(self, objective: UNetObjective, module: torch.nn.Module, prompts: list[str],
@@ -323,18 +321,62 @@ class PromptAnchorHook:
         self.teacher = copy.deepcopy(module).eval().requires_grad_(False) if self.prompts else None
         self.embeddings = (objective.c.prompt_encoder.encode(self.prompts, device=objective.device)
                            if self.prompts else None)
+        self._public: tuple[torch.Tensor, ...] | None = None
 
-    def on_loss(self, loss: torch.Tensor, module: torch.nn.Module, batch: tuple[torch.Tensor, ...],
-                gen: torch.Generator) -> torch.Tensor:
-        b = max(1, int(len(batch[0]) * self.fraction))
-        _, _, t, noisy = self.objective.noised(tuple(r[:b] for r in batch), gen)
-        j = torch.randint(0, len(self.prompts), (b,), generator=gen).to(noisy.device)
+    def _term(self, student, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
+        _, _, t, noisy = self.objective.noised(batch, gen)
+        j = torch.randint(0, len(self.prompts), (len(t),), generator=gen).to(noisy.device)
         emb = self.embeddings[j]
         with torch.no_grad(), _autocast(self.objective.device, self.objective.config.mixed_precision):
             target = self.teacher(noisy, t, encoder_hidden_states=emb).sample
         with _autocast(self.objective.device, self.objective.config.mixed_precision):
-            pred = module(noisy, t, encoder_hidden_states=emb).sample
-        return loss + self.weight * (pred.float() - target.float()).pow(2).mean()
+            pred = student(noisy, t, encoder_hidden_states=emb).sample
+        return self.weight * (pred.float() - target.float()).pow(2).mean()
+
+    def on_loss(self, loss: torch.Tensor, module: torch.nn.Module, batch: tuple[torch.Tensor, ...],
+                gen: torch.Generator) -> torch.Tensor:
+        """Non-DP: the loss plus the anchor term on this site's own noised latents."""
+        b = max(1, int(len(batch[0]) * self.fraction))
+        return loss + self._term(module, tuple(r[:b] for r in batch), gen)
+
+    def public_grads(self, params: list[torch.nn.Parameter], names: list[str], batch_size: int,
+                     gen: torch.Generator, max_norm: float | None) -> list[torch.Tensor]:
+        """DP: the anchor term's gradient on *public* inputs (latents of procedural images,
+        ``medisyn.models.procedural``; no record of the site in it), clipped to
+        ``max_norm``. Added after DP-SGD's noise it is post-processing: it costs no ε. The
+        student runs through the teacher's module structure with the live parameters
+        (``torch.func.functional_call``), so Opacus' per-sample hooks never see it."""
+        from torch.func import functional_call
+
+        if self._public is None:
+            self._public = self._public_records(256)
+        b = max(1, int(batch_size * self.fraction))
+        idx = torch.randint(0, len(self._public[0]), (b,), generator=gen)
+        batch = tuple(r[idx] for r in self._public)
+        live = dict(zip(names, params, strict=True))
+
+        def student(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.teacher, live, args, kwargs, strict=False)
+
+        grads = torch.autograd.grad(self._term(student, batch, gen), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        if max_norm:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            scale = min(1.0, max_norm / (float(norm) + 1e-12))
+            grads = [g * scale for g in grads]
+        return grads
+
+    @torch.no_grad()
+    def _public_records(self, n: int) -> tuple[torch.Tensor, ...]:
+        from medisyn.models.procedural import procedural_images
+
+        vae = self.objective.c.vae
+        images = procedural_images(n, int(vae.config.sample_size), torch.Generator().manual_seed(20221))
+        if int(vae.config.in_channels) == 1:
+            images = images.mean(1, keepdim=True)
+        mean, std = self.objective._encode(images)
+        no = torch.zeros(n, dtype=torch.bool)
+        return mean, std, mean, std, no, torch.zeros(n, dtype=torch.long)
 
 
 class CheckpointHook:
@@ -514,7 +556,8 @@ def train_local(
 
     ``anchor_prompts``: in a federated UNet round, the prompts of all sites (as the
     coordinator sent them); with ``config.anchor_weight > 0`` the other sites' prompts
-    are anchored to the starting model (:class:`PromptAnchorHook`; not under DP).
+    are anchored to the starting model (:class:`PromptAnchorHook`; under DP on public
+    procedural inputs, added after the noise).
 
     With ``privacy.dp`` the steps are DP-SGD steps and the site's ledger at
     ``ledger_path`` (a state directory) is restored first, checked against
@@ -563,13 +606,9 @@ def train_local(
     proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
     anchor = None
     if isinstance(objective, UNetObjective) and config.anchor_weight > 0 and anchor_prompts:
-        if dp:
-            log.info("prompt anchoring is off under DP-SGD (site %s trains on its own prompts only)", site_id)
-        else:
-            anchor = PromptAnchorHook(objective, module, list(anchor_prompts), config.anchor_weight,
-                                      config.anchor_fraction)
-            if not anchor.prompts:
-                anchor = None
+        anchor = PromptAnchorHook(objective, module, list(anchor_prompts), config.anchor_weight,
+                                  config.anchor_fraction)
+        anchor = anchor if anchor.prompts else None
 
     start = 0
     ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
@@ -586,6 +625,15 @@ def train_local(
         stepper: PlainStepper | DPStepper = DPStepper(
             objective, module, optimizer, gen=gen, start=start, steps=steps, config=config, privacy=privacy,
             ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
+        if anchor is not None:  # on public inputs, after the noise (no ε): PromptAnchorHook.public_grads
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+
+            def add_anchor_grads(a: PromptAnchorHook = anchor) -> None:
+                for p, g in zip(params, a.public_grads(params, names, config.batch_size, gen, config.grad_clip),
+                                strict=True):
+                    p.grad = g if p.grad is None else p.grad + g
+
+            stepper.session.after_noise = add_anchor_grads
     else:
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps), last_epoch=-1)
         with warnings.catch_warnings():  # resume: the schedule is a pure function of the step
@@ -608,7 +656,7 @@ def train_local(
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
                 total = proximal.on_loss(loss) if proximal is not None else loss
-                stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None else total)
+                stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None and not dp else total)
                 losses.append(float(loss.detach()))
                 seen += len(batch[0])
             for h in hooks:

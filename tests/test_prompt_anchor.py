@@ -70,13 +70,49 @@ def test_anchoring_keeps_other_prompts_and_still_learns_own(breast_ds, tiny_cfg)
     assert own_after < own_before, (own_before, own_after)
 
 
-def test_a_dp_site_trains_without_the_anchor(tmp_path, breast_ds, tiny_cfg):
+def test_a_dp_site_anchors_on_public_inputs_at_no_privacy_cost(tmp_path, breast_ds, tiny_cfg):
     from medisyn.config import PrivacyConfig
 
     dp = PrivacyConfig(dp=True, noise_multiplier=1.0, max_epsilon=50.0, accountant="rdp")
-    r = train_local(build_components(tiny_cfg), breast_ds, steps=2, config=TrainConfig(batch_size=8), stage="unet",
-                    privacy=dp, ledger_path=tmp_path, site_id="s", progress=False, anchor_prompts=OTHERS)
-    assert r.metrics["anchor-prompts"] == 0 and r.metrics["steps"] == 2
+    runs = {}
+    for name, prompts in (("plain", ()), ("anchored", OTHERS)):
+        runs[name] = train_local(build_components(tiny_cfg), breast_ds, steps=2, config=TrainConfig(batch_size=8),
+                                 stage="unet", privacy=dp, ledger_path=tmp_path / name, site_id="s",
+                                 progress=False, anchor_prompts=prompts).metrics
+    assert runs["anchored"]["anchor-prompts"] == len(OTHERS) and runs["plain"]["anchor-prompts"] == 0
+    assert runs["anchored"]["epsilon"] == runs["plain"]["epsilon"]  # the public term costs no ε
+
+
+def test_public_anchor_gradient_pulls_back_to_the_teacher(breast_ds, tiny_cfg):
+    c = build_components(tiny_cfg, seed=4)
+    obj = UNetObjective(c, breast_ds, TrainConfig(batch_size=8), pick_device())
+    hook = PromptAnchorHook(obj, c.unet, OTHERS, weight=1.0, fraction=1.0)
+    named = [(n, p) for n, p in c.unet.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    zero = hook.public_grads(params, names, 8, torch.Generator().manual_seed(0), None)
+    assert all(float(g.abs().max()) == 0 for g in zero)  # the student is the teacher: nothing to pull
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+
+    def term() -> float:
+        from torch.func import functional_call
+
+        live = dict(zip(names, params, strict=True))
+        gen = torch.Generator().manual_seed(0)  # the same batch, timesteps and noise as public_grads draws
+        idx = torch.randint(0, len(hook._public[0]), (8,), generator=gen)
+        with torch.no_grad():
+            student = lambda *a, **k: functional_call(hook.teacher, live, a, k, strict=False)  # noqa: E731
+            return float(hook._term(student, tuple(r[idx] for r in hook._public), gen))
+
+    before = term()
+    grads = hook.public_grads(params, names, 8, torch.Generator().manual_seed(0), None)
+    assert sum(float(g.pow(2).sum()) for g in grads) > 0
+    assert all(p.grad is None for p in params)  # returned, not accumulated
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.sub_(0.1 * g)
+    assert term() < before
 
 
 def test_no_anchor_without_other_prompts(breast_ds, tiny_cfg):

@@ -173,6 +173,9 @@ class DPSession:
         used: DP sampling and noise always come from ``os.urandom`` unless
         ``insecure_seed`` is given (tests only; voids the guarantee).
         """
+        # Called after the noise, before the update: may add gradients of a *public* term
+        # (no private data in it), e.g. medisyn.train.PromptAnchorHook on procedural inputs.
+        self.after_noise: Callable[[], None] | None = None
         if not privacy.dp:
             raise ConfigError("DPSession needs [privacy] dp = true")
         if planned_steps < 1:
@@ -407,6 +410,8 @@ class DPSession:
         self._pending += 1
         if self._pending >= self.persist_every:
             self.flush()
+        if self.after_noise is not None:
+            self.after_noise()
 
     def flush(self) -> None:
         """Persist steps not yet in the ledger."""
