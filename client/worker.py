@@ -321,6 +321,7 @@ class SiteWorker:
         )
         from medisyn.client.app import app as client_app
 
+        from medisyn.procs import trim_heap
         from medisyn.protocol import encode_site_error
 
         client = self.task_client(token)
@@ -367,6 +368,8 @@ class SiteWorker:
             client.close()
         ok = sub_status == SubStatus.COMPLETED and not lost.is_set()
         logger.info("site %s: task %s in %.1f s", self.site_id, "done" if ok else "FAILED", time.perf_counter() - t0)
+        context = message = reply = None
+        trim_heap()  # the warm caches stay; the task's own tensors go back to the OS
         if ok:
             self.write_status(served=self.status.served + 1)
         else:

@@ -29,3 +29,23 @@ def test_tree_memory_counts_a_child_and_pss_is_at_most_rss():
     finally:
         child.kill()
         child.wait()
+
+
+def test_children_get_two_malloc_arenas_unless_the_operator_says_otherwise(monkeypatch):
+    from medisyn.procs import child_env, trim_heap
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert child_env()["MALLOC_ARENA_MAX"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert child_env()["MALLOC_ARENA_MAX"] == "8"
+    trim_heap()  # returns quietly (glibc: malloc_trim; elsewhere: nothing)
+
+
+def test_peak_rss_is_kept_per_phase():
+    with PeakRSS(interval=0.05) as rss:
+        rss.phase = "one"
+        time.sleep(0.3)
+        rss.phase = "two"
+        time.sleep(0.3)
+    assert {"one", "two"} <= set(rss.by_phase)
+    assert max(rss.by_phase.values()) == rss.peak and all(v > 0 for v in rss.by_phase.values())
