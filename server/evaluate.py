@@ -39,10 +39,17 @@ from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
-from medisyn.server.audit import AuditProgress, AuditSupervisor, _query, load_run
+from medisyn.server.audit import AuditProgress, AuditSupervisor, load_run
 from medisyn.server.checkpoint import atomic_write_text
 from medisyn.server.config import FederationConfig
-from medisyn.server.federation import GlobalModel, Outcome, stage_payload, to_record, wait_for_sites
+from medisyn.server.federation import (
+    GlobalModel,
+    Outcome,
+    query_sites,
+    stage_payload,
+    to_record,
+    wait_for_sites,
+)
 from medisyn.server.supervisor import ExitCode, supervise
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -177,7 +184,7 @@ def run_evaluate(grid: Grid, cfg: FederationConfig, req: EvaluateRequest, *, att
     progress(f"asking {len(nodes)} site(s) to evaluate the model on their own data "
              f"({req.n_per_label} image(s) per label, {req.steps} sampling steps)")
     t0 = time.time()
-    results, errors = _query(grid, nodes, content, req.timeout, node_sites)
+    results, errors = query_sites(grid, nodes, content, req.timeout, node_sites)
     accepted: dict[str, dict[str, Any]] = {}
     for site, res in sorted(results.items()):
         why = _check_site_result(site, res)
