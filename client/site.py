@@ -354,6 +354,7 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         # grey (1) or colour (3): the coordinator then generates channel-equal images for a
         # grey type; a property of the dataset's format, not of any record
         return {P.QUERY_PROMPTS: prompts, P.PROMPTS_IMAGE_TYPE: site.dataset.image_type,
+                P.PROMPTS_SPECIALTY: site.dataset.specialty,
                 P.PROMPTS_CHANNELS: source_channels(read_raw(site.dataset))}
     from medisyn.audit import site_query
     from medisyn.audit.settings import audit_config

@@ -84,6 +84,7 @@ QUERIES = (QUERY_PROMPTS, QUERY_COPY_DETECTION, QUERY_EVALUATE)
 # what the prompts query answers (besides nothing else)
 PROMPTS_IMAGE_TYPE = "image-type"
 PROMPTS_CHANNELS = "channels"
+PROMPTS_SPECIALTY = "specialty"
 
 # --------------------------------------------------------------------------- metric keys
 

@@ -277,15 +277,30 @@ def site_prompts(grid: Grid, nodes: list[int], timeout: float, node_sites: dict[
                        timeout, node_sites)
 
 
-def anchor_prompts(grid: Grid, cfg: FederationConfig, node_sites: dict[int, str]) -> str | None:
-    """The ANCHOR_PROMPTS value for UNet rounds: every answering site's prompts. A site that
-    refuses the prompts query (its policy) trains on; its prompts are then not anchored."""
+def site_catalogue(grid: Grid, cfg: FederationConfig, node_sites: dict[int, str]
+                   ) -> tuple[list[str], dict[str, dict[str, Any]], int]:
+    """Ask every site for its prompts (the ``prompts`` query: dataset metadata, no records).
+    Returns (every prompt, the model's ``image_types`` catalogue, sites that answered). A
+    site that refuses (its policy) trains on; its prompts are then not anchored and its
+    image type is not in the catalogue."""
     results, errors = site_prompts(grid, sorted(grid.get_node_ids()), cfg.round_timeout, node_sites)
     for site, err in sorted(errors.items()):
-        logger.warning("prompt anchoring goes without site %s's prompts: %s", site, err[:200])
-    prompts = {str(p) for r in results.values() for p in r.get(P.QUERY_PROMPTS, []) if isinstance(p, str)}
-    logger.info("prompt anchoring: %d prompt(s) from %d site(s)", len(prompts), len(results))
-    return P.encode_prompts(prompts) if len(results) >= 2 else None
+        logger.warning("site %s did not give its prompts (not anchored, not in the model's image types): %s",
+                       site, err[:200])
+    prompts: set[str] = set()
+    types: dict[str, dict[str, Any]] = {}
+    for r in results.values():
+        ps = sorted({str(p) for p in r.get(P.QUERY_PROMPTS, []) if isinstance(p, str)})
+        prompts |= set(ps)
+        t = r.get(P.PROMPTS_IMAGE_TYPE)
+        if isinstance(t, str) and ps:
+            entry = types.setdefault(t, {"channels": 1, "prompts": []})
+            entry["channels"] = max(entry["channels"], 3 if r.get(P.PROMPTS_CHANNELS) != 1 else 1)
+            entry["prompts"] = sorted(set(entry["prompts"]) | set(ps))
+            if isinstance(r.get(P.PROMPTS_SPECIALTY), str):
+                entry["specialty"] = r[P.PROMPTS_SPECIALTY]
+    logger.info("%d prompt(s) of %d image type(s) from %d site(s)", len(prompts), len(types), len(results))
+    return sorted(prompts), types, len(results)
 
 
 def wait_for_sites(grid: Grid, n: int, timeout: float, poll: float = 1.0) -> int:
@@ -517,7 +532,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     status(run_dir, Outcome.RUNNING, round=start - 1, total_rounds=cfg.total_rounds)
 
     node_sites: dict[int, str] = {}
-    anchor: str | None = None  # every site's prompts, asked once at the first UNet round
+    anchor: str | None = None  # ANCHOR_PROMPTS ("": none), from the prompts query at the first UNet round
     strategy: Any = None
     strategy_stage: Stage | None = None
     for global_round, stage, stage_round in plan[start - 1 :]:
@@ -534,11 +549,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             return Outcome.NO_SITES
         t0 = time.time()
         current, frozen, extra = stage_payload(model, cfg, stage)
-        if stage == "unet" and cfg.train.anchor_weight > 0:
-            if anchor is None:  # "": asked, too few answers; not asked again this run
-                anchor = anchor_prompts(grid, cfg, node_sites) or ""
-            if anchor:
-                extra[P.ANCHOR_PROMPTS] = anchor
+        if stage == "unet" and anchor is None:  # asked once per run, at its first UNet round
+            prompts, types, answered = site_catalogue(grid, cfg, node_sites)
+            # the saved model then knows which types are grey (generation makes them channel-equal)
+            model.components.image_types = {**model.components.image_types, **types}
+            anchor = P.encode_prompts(prompts) if cfg.train.anchor_weight > 0 and answered >= 2 else ""
+        if stage == "unet" and anchor:
+            extra[P.ANCHOR_PROMPTS] = anchor
         kw = dict(
             global_round=global_round, stage=stage, stage_round=stage_round,
             frozen=frozen or None, node_sites=node_sites, extra_config=extra,

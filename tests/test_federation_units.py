@@ -222,13 +222,18 @@ def test_federation_in_process_trains_checkpoints_and_replies_are_clean(tmp_path
     own: dict[str, list[str]] = {}
     for reply in queries:
         answer = json.loads(reply.content.config_records[P.RESULT][P.RESULT_JSON])
-        assert set(answer) == {P.QUERY_PROMPTS, P.PROMPTS_IMAGE_TYPE, P.PROMPTS_CHANNELS}
+        assert set(answer) == {P.QUERY_PROMPTS, P.PROMPTS_IMAGE_TYPE, P.PROMPTS_SPECIALTY, P.PROMPTS_CHANNELS}
         assert not any(s in json.dumps(answer) for s in secrets)
         own[reply.content.config_records["site"]["site-id"]] = answer[P.QUERY_PROMPTS]
     everyone = {p for ps in own.values() for p in ps}
     unet = records[1]["sites"]
     # every site anchored exactly the other sites' prompts
     assert {s: m["anchor-prompts"] for s, m in unet.items()} == {s: len(everyone) - len(own[s]) for s in SITES}
+    # and the saved model knows its image types: which are grey, their specialty and prompts
+    assert final.image_types["breast ultrasound"]["channels"] == 1
+    assert final.image_types["fundus photograph"]["channels"] == 3
+    assert final.image_types["breast ultrasound"]["specialty"] == "radiology"
+    assert sorted(p for t in final.image_types.values() for p in t["prompts"]) == sorted(everyone)
 
 
 def test_nan_site_is_rejected_and_model_unaffected(tmp_path, client_app):
