@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_SITES = ("breast-us", "chest-xray", "fundus", "dermoscopy")
 # The full demo's UNet plan (docs/quality.md: measured in-process on the demo data).
-DEMO_UNET_ROUNDS, DEMO_UNET_STEPS = 10, 50
+DEMO_UNET_ROUNDS, DEMO_UNET_STEPS = 10, 40
 
 
 def demo_assets() -> Path:
@@ -57,11 +57,12 @@ def demo_config(out_dir: Path, port: int, *, quick: bool, sites: Sequence[str] =
         # reconstruct the demo's held-out images better (MSE 0.0067) than any federated
         # VAE stage we measured (0.030 after 10 x 25 steps; fine-tuning the pretrained one
         # federatedly made it worse: 0.0077 after 2 x 25 at lr 3e-4): so the demo spends
-        # its minutes on the UNet, in short rounds: each site sees one image type, and long
-        # local runs drift apart so that their average forgets which type is which (types
-        # recognised 0.28/0.66/0.05/0.78 after 4 x 125 steps, 0.47/0.59/0.03/0.78 after
-        # 10 x 50; a server learning rate of 2.5 made it worse: 0.00/1.00/0.00/1.00;
-        # measured in-process, docs/quality.md).
+        # its minutes on the UNet. Each site sees one image type, so plain FedAvg forgets
+        # which prompt means which type (recognised 0.00/0.03/0.50/0.47 in process); the
+        # sites' prompt anchoring ([train] anchor_weight, on by default) keeps it
+        # (docs/quality.md). 10 x 40 steps: anchoring made a step 1.3x (DP site) to 1.5x
+        # (others) as long in the demo, and 10 x 50
+        # took the demo past 15 minutes on 2 cores.
         model = ModelConfig(resolution=32)
         stages = ["unet"]
         rounds, steps = {"unet": DEMO_UNET_ROUNDS}, {"unet": DEMO_UNET_STEPS}
