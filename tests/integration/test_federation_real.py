@@ -160,7 +160,9 @@ def test_three_sites_kill_restart_and_nan_site(tmp_path, cleanup):
 
         def task_running():
             try:
-                return json.loads(victim.worker_status_path.read_text()).get("state") == "busy"
+                st = json.loads(victim.worker_status_path.read_text())
+                # served >= 1: the prompts query before the first UNet round is done; busy: training
+                return st.get("state") == "busy" and st.get("served", 0) >= 1
             except (OSError, ValueError):
                 return False
 

@@ -166,7 +166,9 @@ def test_foreign_fab_refused_and_killed_worker_restarted(tmp_path, cleanup):  # 
 
         # 2. the same site then serves a genuine medisyn run; its worker is SIGKILLed in round 1
         server.submit()
-        wait_for(lambda: _status(ours).get("state") == "busy", 240, "breast-us's worker to take round 1")
+        # served >= 1: past the prompts query before the first UNet round; busy: training round 1
+        wait_for(lambda: _status(ours).get("state") == "busy" and _status(ours).get("served", 0) >= 1, 240,
+                 "breast-us's worker to take round 1")
         os.killpg(first_worker, signal.SIGKILL)
         wait_for(lambda: ours.worker_restarts >= 1 and ours.worker.pid != first_worker, 60,
                  "the supervisor to restart the worker")
