@@ -12,6 +12,7 @@ shuffled batches; the DP loop hands the same records to Opacus's Poisson sampler
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -323,6 +324,16 @@ class PromptAnchorHook:
                            if self.prompts else None)
         self._public: tuple[torch.Tensor, ...] | None = None
 
+    @classmethod
+    def for_round(cls, objective: Any, module: torch.nn.Module, prompts: Sequence[str],
+                  config: TrainConfig) -> PromptAnchorHook | None:
+        """The hook for a UNet round given the coordinator's prompts; None when there is
+        nothing to anchor (another stage, weight 0, no prompts of other sites)."""
+        if not isinstance(objective, UNetObjective) or config.anchor_weight <= 0 or not prompts:
+            return None
+        hook = cls(objective, module, list(prompts), config.anchor_weight, config.anchor_fraction)
+        return hook if hook.prompts else None
+
     def _term(self, student, batch: tuple[torch.Tensor, ...], gen: torch.Generator) -> torch.Tensor:
         _, _, t, noisy = self.objective.noised(batch, gen)
         j = torch.randint(0, len(self.prompts), (len(t),), generator=gen).to(noisy.device)
@@ -365,6 +376,14 @@ class PromptAnchorHook:
             scale = min(1.0, max_norm / (float(norm) + 1e-12))
             grads = [g * scale for g in grads]
         return grads
+
+    def add_public_grads(self, module: torch.nn.Module, config: TrainConfig, gen: torch.Generator) -> None:
+        """DP: add :meth:`public_grads` to the trainable parameters' (already noised) grads."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        grads = self.public_grads(params, [n for n, _ in named], config.batch_size, gen, config.grad_clip)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g if p.grad is None else p.grad + g
 
     @torch.no_grad()
     def _public_records(self, n: int) -> tuple[torch.Tensor, ...]:
@@ -604,11 +623,7 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     ema = EMAHook(params, config.ema_decay) if config.ema_decay else None
     proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
-    anchor = None
-    if isinstance(objective, UNetObjective) and config.anchor_weight > 0 and anchor_prompts:
-        anchor = PromptAnchorHook(objective, module, list(anchor_prompts), config.anchor_weight,
-                                  config.anchor_fraction)
-        anchor = anchor if anchor.prompts else None
+    anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
 
     start = 0
     ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
@@ -625,15 +640,8 @@ def train_local(
         stepper: PlainStepper | DPStepper = DPStepper(
             objective, module, optimizer, gen=gen, start=start, steps=steps, config=config, privacy=privacy,
             ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
-        if anchor is not None:  # on public inputs, after the noise (no ε): PromptAnchorHook.public_grads
-            names = [n for n, p in module.named_parameters() if p.requires_grad]
-
-            def add_anchor_grads(a: PromptAnchorHook = anchor) -> None:
-                for p, g in zip(params, a.public_grads(params, names, config.batch_size, gen, config.grad_clip),
-                                strict=True):
-                    p.grad = g if p.grad is None else p.grad + g
-
-            stepper.session.after_noise = add_anchor_grads
+        if anchor is not None:  # on public inputs, after the noise (no ε)
+            stepper.session.after_noise = functools.partial(anchor.add_public_grads, module, config, gen)
     else:
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps), last_epoch=-1)
         with warnings.catch_warnings():  # resume: the schedule is a pure function of the step
