@@ -10,14 +10,16 @@ ultrasound, fundus and dermoscopy, off for chest X-ray):
   stage ``vae`` then stage ``unet``, both trained federatedly;
 - ``c`` local specialists: each site alone, its own VAE and UNet, with the same steps per
   site as in ``b``; each is evaluated on its own image type;
-- ``d`` federated generalist with DP-SGD at every site (both stages), σ per site computed
+- ``d`` federated generalist with DP-SGD at every site (every stage trained), σ per site computed
   with ``medisyn.privacy.accounting`` so that the site's steps of the whole run spend
   ε ≤ 8 at δ = 1e-5 (RDP accountant; the site's ledger caps it at 8 too).
 
 The budget: ``--budget-steps`` UNet optimizer steps of batch ``--batch`` for the central
 arm; the federated arms split it evenly over 4 sites × ``--rounds`` rounds (total steps
 summed over sites = budget), the specialists get budget / 4 steps each. The VAE likewise
-with ``--vae-steps`` (``--vae-rounds`` federated rounds). Every arm is judged by
+with ``--vae-steps`` (``--vae-rounds`` federated rounds); ``--vae-steps 0``, the default,
+trains no VAE stage: every arm uses the shipped procedural autoencoder as it is, as the
+central reference run does (``bench/central.toml``). Every arm is judged by
 ``medisyn.evaluation.evaluate_model`` against the real data of all four types (the same
 seeded classifiers and encoder for every arm), per image type.
 
@@ -28,9 +30,9 @@ arm, ``--grid-per-label`` images per label). Models and evaluation reports go to
 ``OUT/<arm>/`` (``OUT/c/<site>/`` for the specialists), so ``--skip-train`` re-evaluates.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/study.py --arms a,b,c,d \\
-        --budget-steps 800 --vae-steps 200 --batch 64 --rounds 4 --n-per-label 64 --threads 2
+        --config bench/central.toml --budget-steps 800 --batch 64 --rounds 4 --n-per-label 64 --threads 2
 
-Smoke (all four arms end to end, minutes): ``--budget-steps 8 --vae-steps 4 --rounds 1
+Smoke (all four arms end to end, minutes): ``--budget-steps 8 --rounds 1
 --n-per-label 4 --classifier-steps 20 --results /tmp/study-smoke``.
 """
 
@@ -136,7 +138,7 @@ def make_plan(args: argparse.Namespace, n_sites: int) -> dict[str, Any]:
     arm gets exactly the same number of optimizer steps."""
     unet_site_round = args.budget_steps // (n_sites * args.rounds)
     vae_site_round = args.vae_steps // (n_sites * args.vae_rounds)
-    if unet_site_round < 1 or vae_site_round < 1:
+    if unet_site_round < 1 or (args.vae_steps > 0 and vae_site_round < 1):
         raise SystemExit(f"error: --budget-steps {args.budget_steps} / --vae-steps {args.vae_steps} give less than "
                          f"one step per site and round ({n_sites} sites, {args.rounds} UNet / {args.vae_rounds} "
                          "VAE rounds)")
@@ -239,10 +241,13 @@ def train_pooled(parts: Sequence[Any], model_cfg: ModelConfig, train_cfg: TrainC
     c = build_components(model_cfg, seed=train_cfg.seed)
     c.image_types = {**c.image_types, **image_type_info(list(parts))}
     resolved = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
-                "stages": ["vae", "unet"], "steps": {"vae": vae_steps, "unet": unet_steps}, "site": site_id}
+                "stages": ["vae", "unet"] if vae_steps else ["unet"], "steps": {"vae": vae_steps, "unet": unet_steps},
+                "site": site_id}
     metrics: dict[str, Any] = {}
     stages: tuple[tuple[Stage, int], ...] = (("vae", vae_steps), ("unet", unet_steps))
     for stage, n in stages:
+        if n == 0:  # --vae-steps 0: the shipped procedural autoencoder as it is
+            continue
         r = train_local(c, dataset, steps=n, config=train_cfg, stage=stage, site_id=site_id, progress=False)
         if stage == "vae":
             set_latent_scale(c, r.metrics["latent-std"])
@@ -293,13 +298,14 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
     port = free_port()
     fed = plan["federated"]
     per_site_threads = max(1, threads // len(SITES))
+    stages = ["vae", "unet"] if fed["vae_steps_per_site_per_round"] else ["unet"]  # --vae-steps 0: no VAE stage
     cfg = FederationConfig(
         name=f"medisyn-study-{arm}",
         rounds=1,
-        stage_rounds={"vae": fed["vae_rounds"], "unet": fed["unet_rounds"]},
+        stage_rounds={s: fed[f"{s}_rounds"] for s in stages},
         local_steps=1,
-        stage_local_steps={"vae": fed["vae_steps_per_site_per_round"], "unet": fed["unet_steps_per_site_per_round"]},
-        stages=["vae", "unet"],
+        stage_local_steps={s: fed[f"{s}_steps_per_site_per_round"] for s in stages},
+        stages=stages,
         min_sites=len(SITES),
         round_timeout=6 * 3600,
         site_wait_timeout=600,
@@ -594,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--config", type=Path, default=None, help="TOML with [model] and [train] tables (all arms)")
     ap.add_argument("--budget-steps", type=int, default=800, help="UNet optimizer steps of the central arm")
-    ap.add_argument("--vae-steps", type=int, default=200, help="VAE optimizer steps of the central arm")
+    ap.add_argument("--vae-steps", type=int, default=0,
+                    help="VAE optimizer steps of the central arm (0, the default: every arm uses the shipped "
+                         "procedural autoencoder as it is, as the central reference run does)")
     ap.add_argument("--batch", type=int, default=64, help="batch size of every arm (DP: expected batch)")
     ap.add_argument("--rounds", type=int, default=4, help="federated UNet rounds")
     ap.add_argument("--vae-rounds", type=int, default=3, help="federated VAE rounds (one long round leaves an averaged VAE that does not reconstruct: docs/quality.md)")
@@ -613,9 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         ap.error(f"--arms: {bad or 'empty'}; choose from {','.join(ARMS)}")
-    if min(args.budget_steps, args.vae_steps, args.batch, args.rounds, args.vae_rounds, args.n_per_label,
-           args.threads) < 1:
-        ap.error("--budget-steps, --vae-steps, --batch, --rounds, --vae-rounds, --n-per-label and --threads must be >= 1")
+    if min(args.budget_steps, args.batch, args.rounds, args.vae_rounds, args.n_per_label, args.threads) < 1:
+        ap.error("--budget-steps, --batch, --rounds, --vae-rounds, --n-per-label and --threads must be >= 1")
+    if args.vae_steps < 0:
+        ap.error("--vae-steps must be >= 0 (0: the shipped procedural autoencoder, no VAE stage)")
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
