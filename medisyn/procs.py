@@ -327,12 +327,8 @@ def _pss_bytes(pid: int) -> int | None:
     return None
 
 
-def tree_memory_bytes(root_pid: int | None = None, *, pss: bool = False) -> tuple[int, int | None]:
-    """(RSS, PSS) summed over a process and all its descendants (Linux /proc; 0 elsewhere).
-
-    The RSS sum counts a shared page (torch's libraries, mapped by every Python process
-    that imports torch) once per process; the PSS sum splits it among them, so it is the
-    memory the tree really holds. ``pss``: also read PSS (None when unreadable)."""
+def _tree_rss(root_pid: int | None = None) -> dict[int, int]:
+    """RSS bytes of a process and each of its live descendants, by pid (Linux /proc)."""
     root = os.getpid() if root_pid is None else root_pid
     parent: dict[int, int] = {}
     rss: dict[int, int] = {}
@@ -349,15 +345,46 @@ def tree_memory_bytes(root_pid: int | None = None, *, pss: bool = False) -> tupl
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack, tree = 0, [root], []
+    out: dict[int, int] = {}
+    stack = [root]
     while stack:
         pid = stack.pop()
-        tree.append(pid)
-        total += rss.get(pid, 0)
+        if pid in rss:
+            out[pid] = rss[pid]
         stack.extend(children.get(pid, []))
+    return out
+
+
+def process_name(pid: int) -> str:
+    """A short name for a process: its program's base name, and for ``python -m X`` the
+    module (``python -m medisyn.client.worker``); never its arguments (paths stay out of
+    reports)."""
+    try:
+        argv = [a for a in (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    name = Path(argv[0]).name
+    if name.startswith("python") and len(argv) > 1:
+        if "-m" in argv[1:-1]:
+            return f"{name} -m {argv[argv.index('-m', 1) + 1]}"
+        if not argv[1].startswith("-"):
+            return f"{name} {Path(argv[1]).name}"
+    return name
+
+
+def tree_memory_bytes(root_pid: int | None = None, *, pss: bool = False) -> tuple[int, int | None]:
+    """(RSS, PSS) summed over a process and all its descendants (Linux /proc; 0 elsewhere).
+
+    The RSS sum counts a shared page (torch's libraries, mapped by every Python process
+    that imports torch) once per process; the PSS sum splits it among them, so it is the
+    memory the tree really holds. ``pss``: also read PSS (None when unreadable)."""
+    rss = _tree_rss(root_pid)
+    total = sum(rss.values())
     if not pss:
         return total, None
-    shares = [_pss_bytes(pid) for pid in tree if pid in rss]
+    shares = [_pss_bytes(pid) for pid in rss]
     return total, (sum(shares) if shares and all(x is not None for x in shares) else None)  # type: ignore[misc]
 
 
@@ -368,25 +395,38 @@ def tree_rss_bytes(root_pid: int | None = None) -> int:
 
 class PeakRSS:
     """Sample the memory of this process tree in a thread: ``peak`` is the largest RSS sum
-    seen, ``peak_pss`` the largest PSS sum (None where /proc has no smaps_rollup), and
-    ``by_phase`` the largest RSS sum while :attr:`phase` (set by the caller) had each value."""
+    seen, ``peak_pss`` the largest PSS sum (None where /proc has no smaps_rollup),
+    ``by_phase`` the largest RSS sum while :attr:`phase` (set by the caller) had each value,
+    and ``peak_processes`` the tree at the peak, one ``{"name", "rss_bytes"}`` per process,
+    largest first (which process to slim)."""
 
-    def __init__(self, interval: float = 1.0):
+    def __init__(self, interval: float = 1.0, root_pid: int | None = None):
         self.interval = interval
+        self.root_pid = root_pid
         self.peak = 0
         self.peak_pss: int | None = None
+        self.peak_processes: list[dict[str, object]] = []
         self.phase = "start"
         self.by_phase: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
 
+    def sample(self) -> None:
+        """One reading (the thread calls this every ``interval`` seconds)."""
+        per_pid = _tree_rss(self.root_pid)
+        rss = sum(per_pid.values())
+        if rss > self.peak:
+            self.peak = rss
+            self.peak_processes = sorted(({"name": process_name(pid), "rss_bytes": b} for pid, b in per_pid.items()),
+                                         key=lambda p: -int(p["rss_bytes"]))  # type: ignore[call-overload]
+        self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0), rss)
+        shares = [_pss_bytes(pid) for pid in per_pid]
+        if shares and all(x is not None for x in shares):
+            self.peak_pss = max(self.peak_pss or 0, sum(shares))  # type: ignore[arg-type]
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, pss = tree_memory_bytes(pss=True)
-            self.peak = max(self.peak, rss)
-            self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0), rss)
-            if pss is not None:
-                self.peak_pss = max(self.peak_pss or 0, pss)
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:

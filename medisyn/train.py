@@ -549,6 +549,51 @@ class DPStepper:
 # --------------------------------------------------------------------------- training
 
 
+def _check_train_args(steps: int, dataset: Dataset, config: TrainConfig, privacy: PrivacyConfig | None,
+                      proximal_mu: float) -> bool:
+    """Named errors for a request ``train_local`` cannot honour; returns whether DP is on."""
+    if steps < 0:
+        raise ConfigError(f"steps must be >= 0, got {steps}")
+    if len(dataset) == 0:
+        raise ConfigError("the training dataset is empty")
+    if proximal_mu < 0:
+        raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    dp = privacy is not None and privacy.dp
+    if privacy is not None and privacy.require_dp and not dp:
+        raise ConfigError("site policy requires DP (privacy.require_dp) but DP is off")
+    if dp and proximal_mu > 0:
+        raise ConfigError("FedProx's proximal term is not supported with DP-SGD at a site; use FedAvg")
+    if dp and config.gradient_checkpointing:
+        raise ConfigError(
+            "DP-SGD cannot be combined with gradient checkpointing: Opacus then gets no "
+            "per-sample gradients for checkpointed blocks. Set train.gradient_checkpointing = false."
+        )
+    return dp
+
+
+def _make_stepper(objective: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
+                  *, gen: torch.Generator, seed: int, start: int, steps: int, config: TrainConfig,
+                  privacy: PrivacyConfig | None, anchor: PromptAnchorHook | None, ledger_path: Path | None,
+                  site_id: str, run_id: str, round: int, stage: Stage) -> PlainStepper | DPStepper:
+    """The batch source and update rule: DP-SGD's Poisson batches through the site's ledger
+    (``privacy`` given; an anchor adds its public gradient after the noise, so no ε), or
+    label-balanced shuffled batches with warmup and the learning-rate schedule (resumed
+    at ``start``: the schedule is a pure function of the step)."""
+    if privacy is not None:
+        stepper = DPStepper(objective, module, optimizer, gen=gen, start=start, steps=steps, config=config,
+                            privacy=privacy, ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round,
+                            stage=stage)
+        if anchor is not None:
+            stepper.session.after_noise = functools.partial(anchor.add_public_grads, module, config, gen)
+        return stepper
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps), last_epoch=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            lr_sched.step()
+    return PlainStepper(objective, optimizer, params, config, seed, lr_sched)
+
+
 def train_local(
     components: Components,
     dataset: Dataset,
@@ -584,22 +629,7 @@ def train_local(
     taken. Without DP, a site whose ledger exists records the steps as non-private
     (ε = ∞ from then on).
     """
-    if steps < 0:
-        raise ConfigError(f"steps must be >= 0, got {steps}")
-    if len(dataset) == 0:
-        raise ConfigError("the training dataset is empty")
-    if proximal_mu < 0:
-        raise ConfigError(f"proximal_mu must be >= 0, got {proximal_mu}")
-    dp = privacy is not None and privacy.dp
-    if privacy is not None and privacy.require_dp and not dp:
-        raise ConfigError("site policy requires DP (privacy.require_dp) but DP is off")
-    if dp and proximal_mu > 0:
-        raise ConfigError("FedProx's proximal term is not supported with DP-SGD at a site; use FedAvg")
-    if dp and config.gradient_checkpointing:
-        raise ConfigError(
-            "DP-SGD cannot be combined with gradient checkpointing: Opacus then gets no "
-            "per-sample gradients for checkpointed blocks. Set train.gradient_checkpointing = false."
-        )
+    dp = _check_train_args(steps, dataset, config, privacy, proximal_mu)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = pick_device()
@@ -636,19 +666,9 @@ def train_local(
         lambda d, s: _save_checkpoint(d, step=s, module=module, optimizer=optimizer, gen=gen, ema=ema, meta=meta),
     )) if h is not None]
 
-    if dp:
-        stepper: PlainStepper | DPStepper = DPStepper(
-            objective, module, optimizer, gen=gen, start=start, steps=steps, config=config, privacy=privacy,
-            ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
-        if anchor is not None:  # on public inputs, after the noise (no ε)
-            stepper.session.after_noise = functools.partial(anchor.add_public_grads, module, config, gen)
-    else:
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps), last_epoch=-1)
-        with warnings.catch_warnings():  # resume: the schedule is a pure function of the step
-            warnings.simplefilter("ignore")
-            for _ in range(start):
-                lr_sched.step()
-        stepper = PlainStepper(objective, optimizer, params, config, seed, lr_sched)
+    stepper = _make_stepper(objective, module, optimizer, params, gen=gen, seed=seed, start=start, steps=steps,
+                            config=config, privacy=privacy if dp else None, anchor=anchor, ledger_path=ledger_path,
+                            site_id=site_id, run_id=run_id, round=round, stage=stage)
 
     losses: list[float] = []
     seen = 0

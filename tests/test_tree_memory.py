@@ -26,6 +26,11 @@ def test_tree_memory_counts_a_child_and_pss_is_at_most_rss():
         assert rss - before > 190 * 2**20  # the child's 200 MiB are in the tree
         assert pss is not None and 190 * 2**20 < pss <= rss
         assert peak.peak >= rss - 50 * 2**20 and peak.peak_pss is not None
+        # the breakdown at the peak names the child (python -c: its program only, no arguments)
+        names = {p["name"]: p["rss_bytes"] for p in peak.peak_processes}
+        assert sum(names.values()) <= peak.peak and len(peak.peak_processes) >= 2
+        assert peak.peak_processes[0]["rss_bytes"] >= 190 * 2**20  # largest first: the child
+        assert all("import" not in n for n in names)
     finally:
         child.kill()
         child.wait()
@@ -49,3 +54,24 @@ def test_peak_rss_is_kept_per_phase():
         time.sleep(0.3)
     assert {"one", "two"} <= set(rss.by_phase)
     assert max(rss.by_phase.values()) == rss.peak and all(v > 0 for v in rss.by_phase.values())
+
+
+def test_process_names_are_short_and_carry_no_arguments(tmp_path):
+    from medisyn.procs import process_name
+
+    script = tmp_path / "secret-site-path" / "tool.py"
+    script.parent.mkdir()
+    script.write_text("import time; print('ready', flush=True); time.sleep(30)")
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0", "--directory",
+                               str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        assert procs[0].stdout is not None and procs[0].stdout.readline().strip() == "ready"
+        py = __import__("pathlib").Path(sys.executable).name
+        assert process_name(procs[0].pid) == f"{py} tool.py"
+        assert process_name(procs[1].pid) == f"{py} -m http.server"
+        assert process_name(2**22 + 7) == "?"  # no such process
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
