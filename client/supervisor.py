@@ -145,7 +145,7 @@ class SiteSupervisor:
                            secret_file=self.secret_file),
             log_path=self.state_dir / "logs" / "supernode.log",
             env={"FLWR_HOME": str(self.state_dir / "flwr-home"), **self.extra_env},
-            cwd=self.state_dir,
+            cwd=self.state_dir, relay=True,
         )
 
     def _make_worker(self) -> Daemon:

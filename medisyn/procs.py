@@ -34,7 +34,20 @@ PRIVACY_ENV = {
 }
 
 
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+# For the processes that relay Flower messages (SuperLink, SuperNode, SuperExec and the
+# ServerApp they start): a model message is tens of MB. glibc serves a freed large block's
+# size from the heap next time (its mmap threshold rises to 32 MB on every free), and
+# those heaps then keep the peak of every round; a fixed threshold keeps blocks over
+# 1 MiB in mmap, returned to the system when freed. Measured in the demo: the SuperLink
+# grew 135 -> 329 MB and each SuperNode 131 -> 220 MB over 10 rounds without it.
+RELAY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def child_env(extra: Mapping[str, str] | None = None, *,
+              defaults: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process: this one's, the privacy settings, unbuffered
+    output, two malloc arenas, this environment's scripts first on PATH, then ``extra``;
+    ``defaults`` apply where neither the operator's environment nor ``extra`` set them."""
     env = dict(os.environ)
     env.update(PRIVACY_ENV)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -50,6 +63,8 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env["PATH"] = scripts + (os.pathsep + path if path else "")
     if extra:
         env.update(extra)
+    for k, v in (defaults or {}).items():
+        env.setdefault(k, v)
     return env
 
 
@@ -103,11 +118,12 @@ class Daemon:
     """One child process in its own session/process group, logging to a file."""
 
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None):
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None, relay: bool = False):
+        """``relay``: a process that relays Flower messages (:data:`RELAY_MALLOC_ENV`)."""
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
-        self.env = child_env(env)
+        self.env = child_env(env, defaults=RELAY_MALLOC_ENV if relay else None)
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 

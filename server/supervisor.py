@@ -255,7 +255,7 @@ class ServerSupervisor:
             raise SupervisorError(f"port {sl.port} on {sl.host} is already in use", ExitCode.CONFIG)
         self.superlink = Daemon(
             "flower-superlink", superlink_argv(self.cfg),
-            log_path=self.run_dir / "logs" / "superlink.log", env=self.env(), cwd=self.run_dir,
+            log_path=self.run_dir / "logs" / "superlink.log", env=self.env(), cwd=self.run_dir, relay=True,
         ).start()
         write_pids(self.run_dir / "pids.json", {"superlink": self.superlink})
         host = "127.0.0.1" if sl.host in ("0.0.0.0", "::") else sl.host

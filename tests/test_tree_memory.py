@@ -46,6 +46,18 @@ def test_children_get_two_malloc_arenas_unless_the_operator_says_otherwise(monke
     trim_heap()  # returns quietly (glibc: malloc_trim; elsewhere: nothing)
 
 
+def test_message_relays_keep_large_blocks_in_mmap_unless_the_operator_says_otherwise(monkeypatch, tmp_path):
+    from medisyn.procs import RELAY_MALLOC_ENV, Daemon
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    relay = Daemon("relay", ["true"], log_path=tmp_path / "r.log", relay=True)
+    worker = Daemon("worker", ["true"], log_path=tmp_path / "w.log")
+    assert relay.env["MALLOC_MMAP_THRESHOLD_"] == RELAY_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"] == str(2**20)
+    assert "MALLOC_MMAP_THRESHOLD_" not in worker.env  # training keeps glibc's adaptive threshold
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert Daemon("relay", ["true"], log_path=tmp_path / "r.log", relay=True).env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
 def test_peak_rss_is_kept_per_phase():
     with PeakRSS(interval=0.05) as rss:
         rss.phase = "one"
