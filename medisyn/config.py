@@ -199,6 +199,12 @@ class PrivacyConfig(_Frozen):
     target_epsilon: float | None = Field(default=None, gt=0)
     planned_rounds: int | None = Field(default=None, ge=1)
     accountant: Literal["prv", "rdp"] = "prv"
+    # Memory, not privacy: DP-SGD holds one gradient per record of the batch at once; a
+    # Poisson batch larger than this is split, each part clipped per record and summed,
+    # and the step noised once (the same update and ε). Measured on the tiny preset at an
+    # expected batch of 16, 1 thread: 8 cut the DP worker's RSS from 1.2-1.5 GB to 0.95 GB
+    # and made a step ~15% slower. None (the default): the whole batch at once.
+    max_physical_batch: int | None = Field(default=None, ge=1)
     # Site policy (medisyn.client.policy.SitePolicy): enforced by the site from its own
     # state (a counter in state_dir, floored by the ledger), whatever the server asks.
     require_dp: bool = False

@@ -513,6 +513,7 @@ class DPStepper:
         if ledger_path is None:
             raise ConfigError("DP training needs the site's state directory for its privacy ledger")
         self.objective = objective
+        self.physical = privacy.max_physical_batch
         self.session = DPSession(
             module, optimizer, TensorDataset(*objective.records), batch_size=config.batch_size, privacy=privacy,
             state_dir=Path(ledger_path), site_id=site_id, stage=stage, run_id=run_id, round=round,
@@ -529,9 +530,27 @@ class DPStepper:
         batch = next(self._batches)
         return None if self.session.is_empty(batch) else tuple(batch)
 
-    def apply(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        self.session.step()
+    def train_batch(self, module: torch.nn.Module, batch: tuple, gen: torch.Generator, step: int,
+                    stage: str) -> tuple[float, torch.Tensor]:
+        """One DP-SGD step on a Poisson batch, in parts of at most ``max_physical_batch``
+        records (each part's per-record gradients clipped and summed; noise once, after the
+        last part). Returns (the batch's mean loss, the last part's loss)."""
+        n = len(batch[0])
+        size = self.physical or n
+        total, loss = 0.0, None
+        for i in range(0, n, size):
+            part = tuple(t[i:i + size] for t in batch)
+            loss = self.objective.loss(module, part, gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
+            loss.backward()
+            if i + size < n:
+                self.session.accumulate()
+            else:
+                self.session.step()
+            total += float(loss.detach()) * len(part[0])
+        assert loss is not None  # a Poisson batch here is never empty (empty_step)
+        return total / n, loss
 
     def empty_step(self) -> None:
         self.session.noise_only_step()
@@ -679,12 +698,15 @@ def train_local(
             batch = stepper.next_batch(step)
             if batch is None:
                 stepper.empty_step()
+            elif isinstance(stepper, DPStepper):
+                losses.append(stepper.train_batch(module, batch, gen, step, stage)[0])
+                seen += len(batch[0])
             else:
                 loss = objective.loss(module, batch, gen)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
                 total = proximal.on_loss(loss) if proximal is not None else loss
-                stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None and not dp else total)
+                stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None else total)
                 losses.append(float(loss.detach()))
                 seen += len(batch[0])
             for h in hooks:

@@ -312,3 +312,38 @@ def test_conv_per_sample_gradients_on_channels_last_input_are_fixed() -> None:
         (g,) = torch.autograd.grad(conv(x[i : i + 1]), conv.weight, backprops[i : i + 1])
         torch.testing.assert_close(gs[i], g, rtol=1e-4, atol=1e-5)
     assert gs.abs().sum() > 0
+
+
+def test_a_batch_stepped_in_parts_gives_the_same_update_and_one_accounted_step(tmp_path: Path) -> None:
+    """``accumulate`` then ``step`` (what ``max_physical_batch`` does with a large Poisson
+    batch) clips per record, sums, and noises once: the parameters after the step are those
+    of one step on the whole batch with the same noise, and the ledger records one step."""
+    b = 3
+    ds = ToyLatents(b, seed=3)
+    full = collate([ds[i] for i in range(b)])
+    batch = {"latent": full["latent"], "text": full["text"], "t": torch.tensor([10, 500, 990]),
+             "rows": torch.arange(b)}
+
+    def part(rows):
+        return {k: v[rows] for k, v in batch.items()}
+
+    torch.manual_seed(0)
+    whole, split = tiny_unet(), tiny_unet()
+    split.load_state_dict(whole.state_dict())
+    before = {n: p.detach().clone() for n, p in whole.named_parameters()}
+    after = []
+    for module, parts, d in ((whole, [[0, 1, 2]], "a"), (split, [[0, 1], [2]], "b")):
+        s = _session(module, tmp_path / d, steps=1, insecure_seed=5)
+        for k, rows in enumerate(parts):
+            _fixed_unet_loss(module, part(torch.tensor(rows))).backward()
+            if k < len(parts) - 1:
+                s.accumulate()
+                assert s.steps_taken == 0  # nothing noised, nothing recorded yet
+            else:
+                s.step()
+        assert s.steps_taken == 1 and sum(e.steps for e in s.ledger.entries()) == 1
+        s.close()
+        after.append({n: p.detach().clone() for n, p in module.named_parameters()})
+    moved = max((after[0][n] - before[n]).abs().max().item() for n in before)
+    diff = max((after[0][n] - after[1][n]).abs().max().item() for n in after[0])
+    assert moved > 1e-3 and diff < 1e-5 * max(1.0, moved), (moved, diff)

@@ -83,6 +83,28 @@ def test_a_dp_site_anchors_on_public_inputs_at_no_privacy_cost(tmp_path, breast_
     assert runs["anchored"]["epsilon"] == runs["plain"]["epsilon"]  # the public term costs no ε
 
 
+def test_a_dp_site_with_max_physical_batch_trains_in_parts_at_the_same_privacy_cost(tmp_path, breast_ds, tiny_cfg,
+                                                                                    monkeypatch):
+    from medisyn.config import PrivacyConfig
+    from medisyn.privacy.dp import DPSession
+
+    parts = []
+    real = DPSession.accumulate
+    monkeypatch.setattr(DPSession, "accumulate", lambda self: (parts.append(1), real(self))[1])
+    runs = {}
+    for name, physical in (("whole", None), ("parts", 2)):
+        dp = PrivacyConfig(dp=True, noise_multiplier=1.0, max_epsilon=50.0, accountant="rdp",
+                           max_physical_batch=physical)
+        runs[name] = train_local(build_components(tiny_cfg), breast_ds, steps=3, config=TrainConfig(batch_size=8),
+                                 stage="unet", privacy=dp, ledger_path=tmp_path / name, site_id="s",
+                                 progress=False, anchor_prompts=OTHERS).metrics
+        if name == "whole":
+            assert not parts  # no part of a batch is stepped on its own
+    assert len(parts) >= 3  # batches of ~8 in parts of 2: at least 3 parts accumulated per step
+    assert runs["parts"]["epsilon"] == runs["whole"]["epsilon"] and runs["parts"]["steps"] == 3
+    assert torch.isfinite(torch.tensor(runs["parts"]["loss"]))
+
+
 def test_public_anchor_gradient_pulls_back_to_the_teacher(breast_ds, tiny_cfg):
     c = build_components(tiny_cfg, seed=4)
     obj = UNetObjective(c, breast_ds, TrainConfig(batch_size=8), pick_device())

@@ -376,8 +376,21 @@ class DPSession:
         return False
 
     # ------------------------------------------------------------------ steps
+    def accumulate(self) -> None:
+        """Clip this part of a Poisson batch per record and add it to the step's sum:
+        no noise, no update, nothing recorded (call :meth:`step` after the last part)."""
+        self._check_missing()
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> None:
         """Clip per-sample gradients, add noise, record the step, update, zero grads."""
+        self._check_missing()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _check_missing(self) -> None:
         self._check_open()
         missing = [i for i, p in enumerate(self.params) if getattr(p, "grad_sample", None) is None]
         if missing:
@@ -386,8 +399,6 @@ class DPSession:
                 "gradient: call loss.backward() on the batch first, use every trainable "
                 "parameter in the forward pass, and run exactly one forward pass per step"
             )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def noise_only_step(self) -> None:
         """The step for an empty Poisson batch: no data, only noise (still accounted)."""
