@@ -238,7 +238,32 @@ class DPSession:
         # Dry run before touching anything.
         self.epsilon_before, self.epsilon_planned = self.check_budget()
 
-        # Opacus parts. Validate first, for a readable error.
+        self._attach_opacus(module, optimizer, dataset, n, collate_fn=collate_fn, num_workers=num_workers,
+                            insecure_seed=insecure_seed)
+        logger.info(
+            "DP round: site=%s stage=%s run=%s round=%d σ=%.4f q=%.5f C=%g steps=%d "
+            "ε %.3f -> %.3f (δ=%.3g, %s, cap %g)",
+            ledger.site_id,
+            stage,
+            run_id,
+            self.round,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.max_grad_norm,
+            self.planned_steps,
+            self.epsilon_before,
+            self.epsilon_planned,
+            self.delta,
+            ledger.accountant,
+            privacy.max_epsilon,
+        )
+
+    def _attach_opacus(self, module: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, n: int, *,
+                       collate_fn: Callable[[list[Any]], Any] | None, num_workers: int,
+                       insecure_seed: int | None) -> None:
+        """Opacus's parts, validated first for a readable error: per-sample-gradient hooks on
+        ``module`` (in place), the DP optimizer (clip, noise from the OS unless
+        ``insecure_seed``) and the Poisson sampler over ``dataset``."""
         from opacus.grad_sample.utils import prepare_module
         from opacus.optimizers import DPOptimizer
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -310,23 +335,6 @@ class DPSession:
         except BaseException:
             self.hooks.cleanup()
             raise
-        logger.info(
-            "DP round: site=%s stage=%s run=%s round=%d σ=%.4f q=%.5f C=%g steps=%d "
-            "ε %.3f -> %.3f (δ=%.3g, %s, cap %g)",
-            ledger.site_id,
-            stage,
-            run_id,
-            self.round,
-            self.noise_multiplier,
-            self.sample_rate,
-            self.max_grad_norm,
-            self.planned_steps,
-            self.epsilon_before,
-            self.epsilon_planned,
-            self.delta,
-            ledger.accountant,
-            privacy.max_epsilon,
-        )
 
     # ------------------------------------------------------------------ budget
     def check_budget(self, steps: int | None = None) -> tuple[float, float]:
