@@ -615,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
     ap.add_argument("--grid-per-label", type=int, default=4)
     ap.add_argument("--skip-train", action="store_true", help="evaluate the models already in OUT/<arm>")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train the arms and stop (evaluate later with --skip-train, e.g. all arms at once)")
     args = ap.parse_args(argv)
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -678,6 +680,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec["error"] = f"training failed: {type(e).__name__}: {e}"
             log(f"error: arm {arm}: {rec['error']}")
         study["arms"][arm] = rec
+    if args.train_only:
+        log(f"trained {', '.join(arms)} in {out}; evaluate with --skip-train")
+        return 1 if failed else 0
     galleries: dict[str, Any] = {}
     for arm in arms:
         rec = study["arms"][arm]
