@@ -12,7 +12,9 @@ ultrasound, fundus and dermoscopy, off for chest X-ray):
   site as in ``b``; each is evaluated on its own image type;
 - ``d`` federated generalist with DP-SGD at every site (every stage trained), σ per site computed
   with ``medisyn.privacy.accounting`` so that the site's steps of the whole run spend
-  ε ≤ 8 at δ = 1e-5 (RDP accountant; the site's ledger caps it at 8 too).
+  ε ≤ 8 at δ = 1e-5 (RDP accountant; the site's ledger caps it at 8 too);
+- ``e`` as ``b`` with FedAvgM at server learning rate 4, no momentum (a lever: FedAvg
+  passes each site's type-specific progress on at its weight, ~1/4).
 
 The budget: ``--budget-steps`` UNet optimizer steps of batch ``--batch`` for the central
 arm; the federated arms split it evenly over 4 sites × ``--rounds`` rounds (total steps
@@ -29,7 +31,7 @@ the end) and ``RESULTS/study/<site>.png`` (per image type: real images, then one
 arm, ``--grid-per-label`` images per label). Models and evaluation reports go to
 ``OUT/<arm>/`` (``OUT/c/<site>/`` for the specialists), so ``--skip-train`` re-evaluates.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/study.py --arms a,b,c,d \\
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/study.py --arms a,b,c,d,e \\
         --config bench/central.toml --budget-steps 800 --batch 64 --rounds 4 --n-per-label 64 --threads 2
 
 Smoke (all four arms end to end, minutes): ``--budget-steps 8 --rounds 1
@@ -82,7 +84,12 @@ ARMS = {
     "b": "federated generalist (FedAvg)",
     "c": "local specialist (site alone)",
     "d": "federated generalist, DP-SGD at every site",
+    "e": "federated generalist, FedAvgM server lr 4",
 }
+# Arm e: with one image type per site, FedAvg passes each site's type-specific progress on
+# at its weight (~1/4); a server learning rate of 4 (no momentum) passes it on whole, and
+# prompt anchoring keeps the four updates from pulling on each other's prompts.
+SERVER_LR_E = 4.0
 DP_TARGET_EPSILON = 8.0
 DP_DELTA = 1e-5
 DP_ACCOUNTANT = "rdp"
@@ -166,6 +173,8 @@ def make_plan(args: argparse.Namespace, n_sites: int) -> dict[str, Any]:
                   "where": f"{n_sites} specialists x {per_site['unet']} UNet steps ({per_site['vae']} VAE)"},
             "d": {"unet_steps": unet_total, "vae_steps": vae_total,
                   "where": "as b, DP-SGD (Poisson sampling, expected batch = batch_size) at every site"},
+            "e": {"unet_steps": unet_total, "vae_steps": vae_total,
+                  "where": f"as b, FedAvgM with server lr {SERVER_LR_E:g}, no momentum"},
         },
     }
 
@@ -286,7 +295,7 @@ def privacy_toml(p: dict[str, Any]) -> str:
 
 def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: ModelConfig, train_cfg: TrainConfig,
                     plan: dict[str, Any], *, dp: dict[str, dict[str, Any]] | None, threads: int,
-                    seed: int) -> dict[str, Any]:
+                    seed: int, strategy: Any = None) -> dict[str, Any]:
     """One real federation on loopback: the run (checkpoints, metrics.jsonl, logs) in
     ``arm_dir``, the global model in ``arm_dir/model``."""
     from medisyn.server.config import FederationConfig, ServerSuperLink, StrategyConfig
@@ -312,7 +321,7 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
         evaluate=False,  # the study evaluates the final model with medisyn.evaluation
         keep_checkpoints=1,
         seed=seed,
-        strategy=StrategyConfig(name="fedavg"),
+        strategy=strategy or StrategyConfig(name="fedavg"),
         model=model_cfg,
         train=train_cfg.model_copy(update={"num_threads": per_site_threads}),
         sites=list(SITES),
@@ -383,8 +392,11 @@ def train_arm(arm: str, out: Path, texts: dict[str, str], dcfgs: dict[str, Datas
                     log(f"    {s}: N = {p['n_records']}, q = {p['sample_rate']:.4f}, {p['dp_steps']} DP steps, "
                         f"sigma = {p['noise_multiplier']:.4f} -> planned epsilon {p['planned_epsilon']:.3f} "
                         f"(delta {p['delta']:g})")
+            from medisyn.server.config import StrategyConfig
+
+            strategy = StrategyConfig(name="fedavgm", server_lr=SERVER_LR_E) if arm == "e" else None
             rec["train"] = train_federated(arm, arm_dir, texts, model_cfg, train_cfg, plan, dp=dp,
-                                           threads=args.threads, seed=args.seed)
+                                           threads=args.threads, seed=args.seed, strategy=strategy)
     log(f"   arm {arm} trained: {rec['train_time']['wall_seconds']} s wall, {rec['train_time']['cpu_seconds']} s CPU")
     (arm_dir / "train.json").write_text(json.dumps(finite(rec), indent=2, default=str, allow_nan=False))
     return rec
@@ -516,7 +528,8 @@ def comparisons(study: dict[str, Any], type_names: Sequence[str]) -> dict[str, A
     out: dict[str, Any] = {}
     pairs = (("b", "c", "federated generalist vs specialist"), ("a", "c", "central vs specialist"),
              ("d", "c", "federated DP vs specialist (no DP)"), ("d", "b", "federated DP vs federated"),
-             ("b", "a", "federated vs central"))
+             ("b", "a", "federated vs central"), ("e", "c", "federated generalist (server lr 4) vs specialist"),
+             ("e", "b", "server lr 4 vs FedAvg"))
     for x, y, what in pairs:
         ex = (study["arms"].get(x, {}).get("evaluation") or {}).get("types")
         ey = (study["arms"].get(y, {}).get("evaluation") or {}).get("types")
@@ -593,7 +606,7 @@ def load_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    ap.add_argument("--arms", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study", help="models, runs, evaluation reports")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
                     help="study.json, study.md and study/<site>.png go here")
