@@ -1,4 +1,4 @@
-"""The generalist-vs-specialist study (issue 9, part 3): one training budget, four arms.
+"""The generalist-vs-specialist study (issue 9, part 3): one training budget, five arms.
 
 On the four shared datasets (full training splits from ``/work/shared/data``; dataset
 metadata from ``medisyn/assets/demo/<site>/dataset.toml``, horizontal flips on for breast
@@ -7,7 +7,7 @@ ultrasound, fundus and dermoscopy, off for chest X-ray):
 - ``a`` centralized: ``train_local`` on the pooled datasets (what ``medisyn train`` does);
 - ``b`` federated generalist: FedAvg over 4 sites, real ``flower-superlink`` /
   ``flower-supernode`` processes on loopback (``medisyn.server.demo.run_federation``),
-  stage ``vae`` then stage ``unet``, both trained federatedly;
+  stage ``unet`` (and first stage ``vae`` with ``--vae-steps``), trained federatedly;
 - ``c`` local specialists: each site alone, its own VAE and UNet, with the same steps per
   site as in ``b``; each is evaluated on its own image type;
 - ``d`` federated generalist with DP-SGD at every site (every stage trained), σ per site computed
@@ -34,7 +34,7 @@ arm, ``--grid-per-label`` images per label). Models and evaluation reports go to
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/study.py --arms a,b,c,d,e \\
         --config bench/central.toml --budget-steps 800 --batch 64 --rounds 4 --n-per-label 64 --threads 2
 
-Smoke (all four arms end to end, minutes): ``--budget-steps 8 --rounds 1
+Smoke (every arm end to end, minutes): ``--budget-steps 8 --rounds 1
 --n-per-label 4 --classifier-steps 20 --results /tmp/study-smoke``.
 """
 
