@@ -531,13 +531,13 @@ class DPStepper:
         return None if self.session.is_empty(batch) else tuple(batch)
 
     def train_batch(self, module: torch.nn.Module, batch: tuple, gen: torch.Generator, step: int,
-                    stage: str) -> tuple[float, torch.Tensor]:
+                    stage: str) -> float:
         """One DP-SGD step on a Poisson batch, in parts of at most ``max_physical_batch``
         records (each part's per-record gradients clipped and summed; noise once, after the
-        last part). Returns (the batch's mean loss, the last part's loss)."""
+        last part). Returns the batch's mean loss."""
         n = len(batch[0])
         size = self.physical or n
-        total, loss = 0.0, None
+        total = 0.0
         for i in range(0, n, size):
             part = tuple(t[i:i + size] for t in batch)
             loss = self.objective.loss(module, part, gen)
@@ -549,8 +549,7 @@ class DPStepper:
             else:
                 self.session.step()
             total += float(loss.detach()) * len(part[0])
-        assert loss is not None  # a Poisson batch here is never empty (empty_step)
-        return total / n, loss
+        return total / n
 
     def empty_step(self) -> None:
         self.session.noise_only_step()
@@ -699,7 +698,7 @@ def train_local(
             if batch is None:
                 stepper.empty_step()
             elif isinstance(stepper, DPStepper):
-                losses.append(stepper.train_batch(module, batch, gen, step, stage)[0])
+                losses.append(stepper.train_batch(module, batch, gen, step, stage))
                 seen += len(batch[0])
             else:
                 loss = objective.loss(module, batch, gen)
