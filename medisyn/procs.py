@@ -39,7 +39,10 @@ PRIVACY_ENV = {
 # size from the heap next time (its mmap threshold rises to 32 MB on every free), and
 # those heaps then keep the peak of every round; a fixed threshold keeps blocks over
 # 1 MiB in mmap, returned to the system when freed. Measured in the demo: the SuperLink
-# grew 135 -> 329 MB and each SuperNode 131 -> 220 MB over 10 rounds without it.
+# grew 135 -> 329 MB and each SuperNode 131 -> 220 MB over 10 rounds without it. The
+# cost, measured: generating (the ServerApp's audit and evaluation images) ~15-20% slower
+# (44 images on 1 thread: 19-20 s -> 23 s); training workers do not get it (a DP step was
+# ~40% slower with it).
 RELAY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
