@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -400,11 +400,13 @@ def tree_memory_bytes(root_pid: int | None = None, *, pss: bool = False) -> tupl
     that imports torch) once per process; the PSS sum splits it among them, so it is the
     memory the tree really holds. ``pss``: also read PSS (None when unreadable)."""
     rss = _tree_rss(root_pid)
-    total = sum(rss.values())
-    if not pss:
-        return total, None
-    shares = [_pss_bytes(pid) for pid in rss]
-    return total, (sum(shares) if shares and all(x is not None for x in shares) else None)  # type: ignore[misc]
+    return sum(rss.values()), (_pss_sum(rss) if pss else None)
+
+
+def _pss_sum(pids: Iterable[int]) -> int | None:
+    """PSS summed over ``pids``; None when any is unreadable (no smaps_rollup)."""
+    shares = [_pss_bytes(pid) for pid in pids]
+    return sum(shares) if shares and all(x is not None for x in shares) else None  # type: ignore[misc]
 
 
 def tree_rss_bytes(root_pid: int | None = None) -> int:
@@ -439,9 +441,9 @@ class PeakRSS:
             self.peak_processes = sorted(({"name": process_name(pid), "rss_bytes": b} for pid, b in per_pid.items()),
                                          key=lambda p: -int(p["rss_bytes"]))  # type: ignore[call-overload]
         self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0), rss)
-        shares = [_pss_bytes(pid) for pid in per_pid]
-        if shares and all(x is not None for x in shares):
-            self.peak_pss = max(self.peak_pss or 0, sum(shares))  # type: ignore[arg-type]
+        pss = _pss_sum(per_pid)
+        if pss is not None:
+            self.peak_pss = max(self.peak_pss or 0, pss)
 
     def _run(self) -> None:
         while not self._stop.is_set():

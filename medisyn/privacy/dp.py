@@ -405,7 +405,8 @@ class DPSession:
             raise RuntimeError(
                 f"{len(missing)} of {len(self.params)} trainable parameters have no per-sample "
                 "gradient: call loss.backward() on the batch first, use every trainable "
-                "parameter in the forward pass, and run exactly one forward pass per step"
+                "parameter in the forward pass, and run exactly one forward pass per step (or per part, "
+                "with accumulate)"
             )
 
     def noise_only_step(self) -> None:
