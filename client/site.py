@@ -240,6 +240,18 @@ def _open_ledger_if_trained(site: SiteConfig, n_records: int) -> None:
         open_site_ledger(state, site.site.id, site.privacy, n_records=n_records)
 
 
+def decode_schedule(value: Any, local_steps: int) -> tuple[int, int]:
+    """The round's place in the run's learning-rate schedule (``P.LR_SCHEDULE``), checked."""
+    try:
+        offset, total = (int(v) for v in json.loads(str(value)))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{P.LR_SCHEDULE}: expected JSON [offset, total], got {str(value)[:80]!r}") from e
+    if offset < 0 or total < offset + local_steps:
+        raise ConfigError(f"{P.LR_SCHEDULE}: [offset {offset}, total {total}] does not hold this round's "
+                          f"{local_steps} local steps")
+    return offset, total
+
+
 def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
                frozen: np.ndarray | None, *, run_id: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the stage locally; return (weights, reportable metrics).
@@ -249,7 +261,7 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     from medisyn.client import replay
 
     from medisyn.config import TrainConfig
-    from medisyn.train import train_local
+    from medisyn.train import LocalOptimizerState, train_local
 
     t0 = time.perf_counter()
     state_dir = Path(site.site.state_dir)
@@ -280,6 +292,10 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         kwargs["proximal_mu"] = float(config[P.PROXIMAL_MU])
     if P.ANCHOR_PROMPTS in config:
         kwargs["anchor_prompts"] = P.decode_prompts(config[P.ANCHOR_PROMPTS])
+    if P.LR_SCHEDULE in config:
+        kwargs["schedule"] = decode_schedule(config[P.LR_SCHEDULE], int(config[P.LOCAL_STEPS]))
+    if train_cfg.keep_optimizer_state:
+        kwargs["optimizer_state"] = LocalOptimizerState(state_dir, stage, run_id)
     result = train_local(
         components,
         dataset,

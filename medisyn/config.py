@@ -175,6 +175,13 @@ class TrainConfig(_Frozen):
     anchor_fraction: float = Field(default=0.25, gt=0, le=1)
     lr_warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Federated runs: "run" counts warmup and the cosine over the stage's whole round plan
+    # (the coordinator sends each round its place in it); "round" restarts both in every
+    # round (with short rounds a site then never leaves its warmup).
+    lr_schedule_scope: Literal["run", "round"] = "run"
+    # Federated runs: each site keeps its AdamW moments between the rounds of a run, in its
+    # state directory (never sent: medisyn.train.LocalOptimizerState); false: fresh every round.
+    keep_optimizer_state: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_clip: float | None = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = False

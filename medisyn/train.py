@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,10 +241,15 @@ def batch_source(objective, config: TrainConfig, seed: int):
     return ShuffledBatches(n, config.batch_size, seed)
 
 
-def _lr_lambda(config: TrainConfig, steps: int):
+def _lr_lambda(config: TrainConfig, steps: int, offset: int = 0):
+    """The learning-rate factor at each step: linear warmup, then constant or cosine to
+    0.1 at ``steps``. ``offset``: steps already taken in the schedule (a federated round
+    continues the run's schedule where the last round left it; ``steps`` is then the
+    run's total)."""
     warm = config.lr_warmup_steps
 
-    def f(step: int) -> float:
+    def f(local: int) -> float:
+        step = offset + local
         if warm and step < warm:
             return (step + 1) / warm
         if config.lr_schedule == "cosine" and steps > warm:
@@ -428,11 +433,7 @@ def _save_checkpoint(directory: Path, *, step: int, module: torch.nn.Module, opt
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, tmp / "weights.safetensors")
         opt = optimizer.state_dict()
-        tensors: dict[str, torch.Tensor] = {"rng": gen.get_state()}
-        for pid, st in opt["state"].items():
-            for name, val in st.items():
-                t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
-                tensors[f"opt.{pid}.{name}"] = t.detach().cpu().contiguous()
+        tensors: dict[str, torch.Tensor] = {"rng": gen.get_state(), **_optimizer_tensors(opt)}
         if ema is not None:
             tensors.update(ema.state())
         save_file(tensors, tmp / "state.safetensors")
@@ -461,15 +462,83 @@ def _load_checkpoint(directory: Path, *, module: torch.nn.Module, optimizer, gen
     module.load_state_dict(load_file(directory / "weights.safetensors"), strict=True)
     tensors = load_file(directory / "state.safetensors")
     gen.set_state(tensors["rng"])
+    optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": info["param_groups"]})
+    if ema is not None:
+        ema.load(tensors)
+    return int(info["step"])
+
+
+def _optimizer_tensors(opt_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as flat safetensors entries ``opt.<i>.<name>``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in opt_state["state"].items():
+        for name, val in st.items():
+            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+            tensors[f"opt.{pid}.{name}"] = t.detach().cpu().contiguous()
+    return tensors
+
+
+def _optimizer_state(tensors: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """The inverse of :func:`_optimizer_tensors` (other entries are ignored)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, val in tensors.items():
         if key.startswith("opt."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = val
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    if ema is not None:
-        ema.load(tensors)
-    return int(info["step"])
+    return state
+
+
+class LocalOptimizerState:
+    """A site's AdamW moments kept between the rounds of one federated run
+    (``[train] keep_optimizer_state``), in its state directory: never sent anywhere.
+
+    A fresh AdamW every round takes its first steps at full size in the sign of a few
+    noisy gradients, and its moments forget what the site's data looked like; kept, the
+    inner optimizer of each round continues where the last one stopped (the inner-state
+    choice of DiLoCo, Douillard et al. 2023). Kept per stage and run: a new run, another
+    model shape or an unreadable file starts from fresh moments (logged), never fails.
+    Under DP the moments are functions of the noised gradients only (post-processing)."""
+
+    def __init__(self, state_dir: Path, stage: str, run_id: str):
+        self.path = Path(state_dir) / "optimizer" / f"{stage}.safetensors"
+        self.run_id = run_id
+
+    def load(self, optimizer: torch.optim.Optimizer) -> int:
+        """Restore the moments into ``optimizer``; returns the rounds they carry (0: fresh)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not self.path.is_file():
+            return 0
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("run_id") != self.run_id:
+                log.info("optimizer state at %s is from another run; starting fresh", self.path)
+                return 0
+            state = _optimizer_state(load_file(self.path))
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if sorted(state) != list(range(len(params))) or any(
+                    st.get("exp_avg") is None or st["exp_avg"].shape != params[i].shape for i, st in state.items()):
+                log.warning("optimizer state at %s does not fit this model; starting fresh", self.path)
+                return 0
+            sd = optimizer.state_dict()
+            optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+            return int(meta.get("rounds", "1"))
+        except Exception as e:  # a damaged file costs the moments, never the round
+            log.warning("optimizer state at %s is unreadable (%s); starting fresh", self.path, e)
+            return 0
+
+    def save(self, optimizer: torch.optim.Optimizer, rounds: int) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        save_file(_optimizer_tensors(optimizer.state_dict()), tmp,
+                  metadata={"run_id": self.run_id, "rounds": str(rounds)})
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
 
 
 # --------------------------------------------------------------------------- steppers
@@ -478,9 +547,9 @@ def _load_checkpoint(directory: Path, *, module: torch.nn.Module, optimizer, gen
 class PlainStepper:
     """Non-DP steps: a batch from the (balanced or shuffled) source, backward, clip, step."""
 
-    def __init__(self, objective, optimizer, params, config: TrainConfig, seed: int, scheduler):
+    def __init__(self, objective, optimizer, params, config: TrainConfig, seed: int):
         self.objective, self.optimizer, self.params, self.config = objective, optimizer, params, config
-        self.source, self.scheduler = batch_source(objective, config, seed), scheduler
+        self.source = batch_source(objective, config, seed)
         self.extra: dict[str, float] = {}
 
     def next_batch(self, step: int):
@@ -493,7 +562,6 @@ class PlainStepper:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
 
     def empty_step(self) -> None:  # never: shuffled/balanced batches are never empty
         raise AssertionError("non-DP batch sources do not yield empty batches")
@@ -595,8 +663,7 @@ def _make_stepper(objective: Any, module: torch.nn.Module, optimizer: torch.opti
                   site_id: str, run_id: str, round: int, stage: Stage) -> PlainStepper | DPStepper:
     """The batch source and update rule: DP-SGD's Poisson batches through the site's ledger
     (``privacy`` given; an anchor adds its public gradient after the noise, so no ε), or
-    label-balanced shuffled batches with warmup and the learning-rate schedule (resumed
-    at ``start``: the schedule is a pure function of the step)."""
+    label-balanced shuffled batches."""
     if privacy is not None:
         stepper = DPStepper(objective, module, optimizer, gen=gen, start=start, steps=steps, config=config,
                             privacy=privacy, ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round,
@@ -604,12 +671,21 @@ def _make_stepper(objective: Any, module: torch.nn.Module, optimizer: torch.opti
         if anchor is not None:
             stepper.session.after_noise = functools.partial(anchor.add_public_grads, module, config, gen)
         return stepper
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps), last_epoch=-1)
+    return PlainStepper(objective, optimizer, params, config, seed)
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int, start: int,
+                  schedule: tuple[int, int] | None):
+    """Warmup and the learning-rate schedule, at step ``start`` (a resumed run: the schedule
+    is a pure function of the step); ``schedule`` = (offset, total) places these steps in a
+    longer run's schedule (a federated round)."""
+    offset, total = schedule if schedule is not None else (0, steps)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total, offset), last_epoch=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(start):
             lr_sched.step()
-    return PlainStepper(objective, optimizer, params, config, seed, lr_sched)
+    return lr_sched
 
 
 def train_local(
@@ -629,6 +705,8 @@ def train_local(
     resume: bool = False,
     proximal_mu: float = 0.0,
     anchor_prompts: Sequence[str] = (),
+    schedule: tuple[int, int] | None = None,
+    optimizer_state: LocalOptimizerState | None = None,
 ) -> TrainResult:
     """Train ``stage`` for ``steps`` optimizer steps on ``dataset``; see module docstring.
 
@@ -640,6 +718,11 @@ def train_local(
     coordinator sent them); with ``config.anchor_weight > 0`` the other sites' prompts
     are anchored to the starting model (:class:`PromptAnchorHook`; under DP on public
     procedural inputs, added after the noise).
+
+    ``schedule`` = (offset, total): these steps are steps offset+1 .. of a federated run
+    of ``total`` steps, and warmup and cosine follow the run, not the round.
+    ``optimizer_state``: the site's AdamW moments from its last round of this run are
+    restored first and kept after (:class:`LocalOptimizerState`).
 
     With ``privacy.dp`` the steps are DP-SGD steps and the site's ledger at
     ``ledger_path`` (a state directory) is restored first, checked against
@@ -673,11 +756,13 @@ def train_local(
     proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
     anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
 
-    start = 0
+    start = carried = 0
     ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
     if resume and ckpt is not None and (ckpt / "checkpoint.json").is_file():
         start = _load_checkpoint(ckpt, module=module, optimizer=optimizer, gen=gen, ema=ema)
         log.info("resumed stage %s at step %d from %s", stage, start, ckpt)
+    elif optimizer_state is not None:
+        carried = optimizer_state.load(optimizer)
     meta = {"stage": stage, "steps": steps, "config": config.model_dump(mode="json")}
     hooks: list[Any] = [h for h in (ema, CheckpointHook(
         ckpt, config.checkpoint_every, steps,
@@ -687,6 +772,7 @@ def train_local(
     stepper = _make_stepper(objective, module, optimizer, params, gen=gen, seed=seed, start=start, steps=steps,
                             config=config, privacy=privacy if dp else None, anchor=anchor, ledger_path=ledger_path,
                             site_id=site_id, run_id=run_id, round=round, stage=stage)
+    lr_sched = _lr_scheduler(optimizer, config, steps, start, schedule)
 
     losses: list[float] = []
     seen = 0
@@ -708,6 +794,7 @@ def train_local(
                 stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None else total)
                 losses.append(float(loss.detach()))
                 seen += len(batch[0])
+            lr_sched.step()
             for h in hooks:
                 h.after_step(step + 1)
             bar.update(1)
@@ -719,6 +806,8 @@ def train_local(
     seconds = time.perf_counter() - t0
     if not dp and privacy is not None and ledger_path is not None and steps > start:
         _record_non_private(privacy, Path(ledger_path), site_id, stage, run_id, round, steps - start, len(dataset))
+    if optimizer_state is not None:
+        optimizer_state.save(optimizer, carried + 1)
     if ema is not None:
         ema.finish()
     module.eval()

@@ -351,6 +351,9 @@ def train_round(
             P.SEED: cfg.seed,
             P.MODEL_CONFIG: cfg.model.model_dump_json(),
             P.TRAIN_CONFIG: cfg.train.model_dump_json(),
+            **({P.LR_SCHEDULE: json.dumps([(stage_round - 1) * cfg.steps_for(stage),
+                                           cfg.rounds_for(stage) * cfg.steps_for(stage)])}
+               if cfg.train.lr_schedule_scope == "run" else {}),
             **(extra_config or {}),
         }
     )
