@@ -77,6 +77,7 @@ def audit(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt(s) to generate instead of asking the sites (repeatable).")] = None,
     no_model: Annotated[bool, typer.Option("--no-model", help="Do not send the model's weights to the sites (no VAE view, no membership probe).")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers to one query.")] = 3600.0,
+    max_parallel_sites: Annotated[int | None, typer.Option("--max-parallel-sites", min=1, help="Ask at most this many sites at once (default: all). For sites that share one machine: waves of about one per core take as long and hold less memory.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -85,7 +86,7 @@ def audit(
     run = run.resolve()
     req = AuditRequest(run_dir=run, out_dir=(out or run / "audit").resolve(), n_per_prompt=n_per_prompt,
                        steps=steps, guidance=guidance, seed=seed, prompts=prompt or None,
-                       send_model=not no_model, timeout=timeout)
+                       send_model=not no_model, timeout=timeout, max_parallel_sites=max_parallel_sites)
     raise typer.Exit(run_audit_command(req, echo=typer.echo))
 
 
@@ -105,6 +106,7 @@ def evaluate(
     seed: Annotated[int, typer.Option("--seed", help="First sampling seed (also the classifiers' seed).")] = 0,
     classifier_steps: Annotated[int, typer.Option("--classifier-steps", min=1, help="Steps of each site classifier (the encoder CNN gets a third more).")] = 300,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers.")] = 3600.0,
+    max_parallel_sites: Annotated[int | None, typer.Option("--max-parallel-sites", min=1, help="Ask at most this many sites at once (default: all). For sites that share one machine: waves of about one per core take as long and hold less memory.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,7 +115,8 @@ def evaluate(
     run = run.resolve()
     req = EvaluateRequest(run_dir=run, out_dir=(out or run / "evaluation").resolve(), n_per_label=n_per_label,
                           steps=steps, guidance=guidance, seed=seed, classifier_steps=classifier_steps,
-                          encoder_steps=max(1, classifier_steps * 4 // 3), timeout=timeout)
+                          encoder_steps=max(1, classifier_steps * 4 // 3), timeout=timeout,
+                          max_parallel_sites=max_parallel_sites)
     raise typer.Exit(run_evaluate_command(req, echo=typer.echo))
 
 

@@ -832,3 +832,28 @@ def test_fedavgm_server_lr_scales_the_averaged_update(tmp_path, client_app):
     d2 = np.concatenate([(avgm[k] - init[k]).ravel() for k in keys])
     assert np.linalg.norm(d1) > 0
     np.testing.assert_allclose(d2, 2.0 * d1, rtol=1e-3, atol=1e-5)
+
+
+def test_query_sites_asks_in_waves_of_max_parallel():
+    """Sites sharing one machine: at most ``max_parallel`` queries out at once, every site answered."""
+
+    class Waves(LocalGrid):
+        def __init__(self):
+            super().__init__({}, None)
+            self.waves: list[list[int]] = []
+
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+            messages = list(messages)
+            self.waves.append([m.metadata.dst_node_id for m in messages])
+            return [Message(RecordDict({P.RESULT: ConfigRecord({P.RESULT_JSON: json.dumps({"n": m.metadata.dst_node_id})}),
+                                        "site": ConfigRecord({"site-id": f"s{m.metadata.dst_node_id}"})}),
+                            reply_to=m) for m in messages]
+
+    def content():
+        return RecordDict({P.CONFIG: ConfigRecord({P.AUDIT: P.QUERY_PROMPTS})})
+
+    for limit, waves in ((2, [[1, 2], [3, 4], [5]]), (None, [[1, 2, 3, 4, 5]]), (9, [[1, 2, 3, 4, 5]])):
+        grid = Waves()
+        results, errors = fed.query_sites(grid, [1, 2, 3, 4, 5], content, 10.0, {}, max_parallel=limit)
+        assert grid.waves == waves and not errors
+        assert {s: r["n"] for s, r in results.items()} == {f"s{i}": i for i in range(1, 6)}
