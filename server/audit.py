@@ -80,7 +80,7 @@ class AuditRequest(BaseModel):
     timeout: float = Field(default=3600.0, gt=0)  # per query round
     site_wait_timeout: float | None = Field(default=None, gt=0)  # None: the run's
     gallery_per_prompt: int = Field(default=8, ge=0)
-    # at most this many sites are asked at once (None: all): for sites sharing one machine
+    # at most this many sites are asked at once (None: the run's max_parallel_sites)
     max_parallel_sites: int | None = Field(default=None, ge=1)
 
 
@@ -220,7 +220,7 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
              "them against its own data")
     t1 = time.time()
     results, errors = query_sites(grid, nodes, content, req.timeout, node_sites,
-                                  max_parallel=req.max_parallel_sites)
+                                  max_parallel=req.max_parallel_sites or cfg.max_parallel_sites)
     aggregates: list[SiteAggregate] = []
     for site, res in sorted(results.items()):
         try:

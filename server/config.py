@@ -149,6 +149,9 @@ class FederationConfig(_Frozen):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    # at most this many sites train (or answer a query) at once; None: all. For sites that
+    # share one machine (the demo): one per core holds less memory and takes about as long.
+    max_parallel_sites: int | None = Field(default=None, ge=1)
     sites: list[str] = Field(default_factory=list)  # expected site ids; empty: accept any
     # Per-site enrolment, written in TOML as ``[sites.<id>]`` tables (then ``sites`` is
     # their ids); a plain ``sites = [...]`` list leaves it empty.

@@ -76,6 +76,7 @@ def demo_config(out_dir: Path, port: int, *, quick: bool, sites: Sequence[str] =
         stage_local_steps=steps,
         stages=stages,
         min_sites=len(sites),
+        max_parallel_sites=parallel_sites(),
         round_timeout=1800,
         site_wait_timeout=300,
         # Held-out loss costs one more message round per stage; the demo skips it to stay
@@ -189,7 +190,7 @@ def run_demo_evaluation(run_dir: Path, out_dir: Path, quick: bool, *, echo: Call
     from medisyn.server.evaluate import EvaluateRequest, run_evaluate_command
 
     echo("evaluating the model at every site on its own data ...")
-    req = EvaluateRequest(run_dir=run_dir, out_dir=out_dir, timeout=1800, max_parallel_sites=parallel_sites(),
+    req = EvaluateRequest(run_dir=run_dir, out_dir=out_dir, timeout=1800,
                           **DEMO_EVALUATION[quick])
     code = run_evaluate_command(req, echo=echo, superlink=superlink)
     if code not in (0, 1):  # 0/1: the report was written (every site / some sites evaluated)
@@ -276,7 +277,7 @@ def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
             rss.phase = "audit"
             release = out_dir / "release"
             req = AuditRequest(run_dir=cfg.run_dir, out_dir=release, n_per_prompt=2 if quick else 4,
-                               steps=10 if quick else 25, timeout=1800, max_parallel_sites=parallel_sites())
+                               steps=10 if quick else 25, timeout=1800)
             audit_code = run_audit_command(req, echo=echo, superlink=server.superlink)
             if audit_code not in (0, 1):  # 0/1: the report was written (gate pass/fail)
                 raise SupervisorError(f"the release audit failed (exit {audit_code})", ExitCode(audit_code))

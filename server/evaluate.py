@@ -79,7 +79,7 @@ class EvaluateRequest(BaseModel):
     timeout: float = Field(default=3600.0, gt=0)
     site_wait_timeout: float | None = Field(default=None, gt=0)  # None: the run's
     gallery_per_prompt: int = Field(default=8, ge=0, le=64)
-    # at most this many sites are asked at once (None: all): for sites sharing one machine
+    # at most this many sites are asked at once (None: the run's max_parallel_sites)
     max_parallel_sites: int | None = Field(default=None, ge=1)
 
     def settings(self) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def run_evaluate(grid: Grid, cfg: FederationConfig, req: EvaluateRequest, *, att
              f"({req.n_per_label} image(s) per label, {req.steps} sampling steps)")
     t0 = time.time()
     results, errors = query_sites(grid, nodes, content, req.timeout, node_sites,
-                                  max_parallel=req.max_parallel_sites)
+                                  max_parallel=req.max_parallel_sites or cfg.max_parallel_sites)
     accepted: dict[str, dict[str, Any]] = {}
     for site, res in sorted(results.items()):
         why = _check_site_result(site, res)

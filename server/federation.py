@@ -247,21 +247,52 @@ def _token_of(msg: Message) -> str | None:
     return tok if isinstance(tok, str) else None
 
 
+POLL_SECONDS = 1.0
+
+
+def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
+                     max_parallel: int | None = None) -> list[Message]:
+    """``grid.send_and_receive``, with at most ``max_parallel`` messages out at once.
+
+    For sites that share one machine (the demo, a researcher's workstation): there, N
+    CPU-bound site tasks on fewer cores take about as long one per core at a time, and
+    hold N tasks' memory at once. A message goes out when an earlier one is answered;
+    each has ``timeout`` seconds from its own push (no answer by then: no reply, as
+    with Flower's own). None, or a limit of at least ``len(messages)``: all at once."""
+    if max_parallel is None or max_parallel >= len(messages):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = list(messages)
+    out: dict[str, float] = {}  # message id -> push time
+    replies: list[Message] = []
+    while waiting or out:
+        while waiting and len(out) < max_parallel:
+            msg = waiting.pop(0)
+            ids = list(grid.push_messages([msg]))
+            if ids:  # refused by the SuperLink (too large): no reply, as send_and_receive
+                out[ids[0]] = time.time()
+        if not out:
+            continue
+        for reply in grid.pull_messages(list(out)):
+            replies.append(reply)
+            out.pop(reply.metadata.reply_to_message_id, None)
+        now = time.time()
+        for mid in [m for m, t in out.items() if now - t > timeout]:
+            logger.warning("no answer to message %s within %.0f s", mid[:12], timeout)
+            out.pop(mid)
+        if out and (not waiting or len(out) >= max_parallel):
+            time.sleep(POLL_SECONDS)
+    return replies
+
+
 def query_sites(grid: Grid, nodes: list[int], content: Callable[[], RecordDict], timeout: float,
                 node_sites: dict[int, str], *, max_parallel: int | None = None,
                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Send one ``query`` per node; return (site -> result JSON, site -> error).
 
-    ``max_parallel``: at most this many sites are asked at once (waves, each with its own
-    ``timeout``); None asks all. For sites that share one machine (the demo, a
-    researcher's laptop): there, N CPU-bound audits on fewer cores take as long as
-    waves of one per core and hold N audits' memory at once."""
-    step = max_parallel or max(1, len(nodes))
-    replies: list[Message] = []
-    for i in range(0, len(nodes), step):
-        msgs = [Message(content=content(), message_type=P.QUERY_MESSAGE, dst_node_id=n, group_id=P.QUERY_GROUP)
-                for n in nodes[i:i + step]]
-        replies.extend(grid.send_and_receive(msgs, timeout=timeout))
+    ``max_parallel``: at most this many sites are asked at once (:func:`send_and_receive`)."""
+    msgs = [Message(content=content(), message_type=P.QUERY_MESSAGE, dst_node_id=n, group_id=P.QUERY_GROUP)
+            for n in nodes]
+    replies = send_and_receive(grid, msgs, timeout=timeout, max_parallel=max_parallel)
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     for reply in replies:
@@ -377,7 +408,7 @@ def train_round(
         for m in messages:
             m.content[P.FROZEN] = frozen_record
     t_send = time.time()
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    replies = send_and_receive(grid, messages, timeout=cfg.round_timeout, max_parallel=cfg.max_parallel_sites)
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
     result = RoundResult()
     result.send_receive_seconds = time.time() - t_send

@@ -834,26 +834,47 @@ def test_fedavgm_server_lr_scales_the_averaged_update(tmp_path, client_app):
     np.testing.assert_allclose(d2, 2.0 * d1, rtol=1e-3, atol=1e-5)
 
 
-def test_query_sites_asks_in_waves_of_max_parallel():
-    """Sites sharing one machine: at most ``max_parallel`` queries out at once, every site answered."""
+def test_at_most_max_parallel_sites_are_asked_at_once(monkeypatch):
+    """Sites sharing one machine: a message goes out when an earlier one is answered; every
+    site is asked and answers; a site that never answers is dropped after its own timeout."""
+    monkeypatch.setattr(fed, "POLL_SECONDS", 0.0)
 
-    class Waves(LocalGrid):
-        def __init__(self):
+    class Pool(LocalGrid):
+        def __init__(self, silent=()):
             super().__init__({}, None)
-            self.waves: list[list[int]] = []
+            self.out: dict[str, Message] = {}
+            self.most = 0
+            self.order: list[int] = []
+            self.silent = set(silent)
 
-        def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-            messages = list(messages)
-            self.waves.append([m.metadata.dst_node_id for m in messages])
-            return [Message(RecordDict({P.RESULT: ConfigRecord({P.RESULT_JSON: json.dumps({"n": m.metadata.dst_node_id})}),
-                                        "site": ConfigRecord({"site-id": f"s{m.metadata.dst_node_id}"})}),
-                            reply_to=m) for m in messages]
+        def push_messages(self, messages):  # noqa: ANN001, ANN201
+            ids = []
+            for m in messages:
+                mid = f"m{m.metadata.dst_node_id}"
+                m.metadata.__dict__["_message_id"] = mid
+                self.out[mid] = m
+                self.order.append(m.metadata.dst_node_id)
+                ids.append(mid)
+            self.most = max(self.most, len(self.out))
+            return ids
+
+        def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+            talking = [i for i in sorted(message_ids) if self.out[i].metadata.dst_node_id not in self.silent]
+            if not talking:
+                return []
+            m = self.out.pop(talking[0])  # one answer per poll
+            n = m.metadata.dst_node_id
+            return [Message(RecordDict({P.RESULT: ConfigRecord({P.RESULT_JSON: json.dumps({"n": n})}),
+                                        "site": ConfigRecord({"site-id": f"s{n}"})}), reply_to=m)]
 
     def content():
         return RecordDict({P.CONFIG: ConfigRecord({P.AUDIT: P.QUERY_PROMPTS})})
 
-    for limit, waves in ((2, [[1, 2], [3, 4], [5]]), (None, [[1, 2, 3, 4, 5]]), (9, [[1, 2, 3, 4, 5]])):
-        grid = Waves()
-        results, errors = fed.query_sites(grid, [1, 2, 3, 4, 5], content, 10.0, {}, max_parallel=limit)
-        assert grid.waves == waves and not errors
-        assert {s: r["n"] for s, r in results.items()} == {f"s{i}": i for i in range(1, 6)}
+    grid = Pool()
+    results, errors = fed.query_sites(grid, [1, 2, 3, 4, 5], content, 10.0, {}, max_parallel=2)
+    assert grid.most == 2 and sorted(grid.order) == [1, 2, 3, 4, 5] and not errors
+    assert {s: r["n"] for s, r in results.items()} == {f"s{i}": i for i in range(1, 6)}
+
+    grid = Pool(silent={1})
+    results, _ = fed.query_sites(grid, [1, 2, 3], content, 0.05, {}, max_parallel=2)
+    assert sorted(results) == ["s2", "s3"]
