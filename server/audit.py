@@ -117,19 +117,14 @@ class AuditProgress:
 
 
 def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: str = "") -> str:
-    """The ServerApp's audit mode; returns an :class:`Outcome` and writes the report."""
-    from medisyn.audit import build_release_report
-    from medisyn.audit.report import SiteAggregate, assert_shareable
+    """The ServerApp's audit mode; returns an :class:`Outcome` and writes the report.
 
-    from medisyn.generate import generate, grey_image_types, write_generated
-    from medisyn.models import model_hash
-
+    Four steps: the prompts (given, or the sites'), the synthetic set from the final model,
+    the copy-detection query (every site's checked aggregate), the release report."""
     out = Path(req.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress = AuditProgress(out, attempt)
     progress.status(Outcome.RUNNING)
-    run_dir = Path(req.run_dir)
-    model_dir = run_dir / "model"
     expected = list(cfg.sites)
     wait = req.site_wait_timeout or cfg.site_wait_timeout
     want = max(len(expected), cfg.min_sites)
@@ -144,32 +139,62 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     nodes = sorted(grid.get_node_ids())
     node_sites: dict[int, str] = {}
 
-    # 1. prompts
+    prompts, grey_types = _audit_prompts(grid, nodes, req, node_sites, progress)
+    if not prompts:
+        msg = "no prompts: no site answered the prompts query and none were given (--prompt)"
+        progress.status(Outcome.FAILED, message=msg)
+        return Outcome.FAILED
+    synthetic, paths, mhash, content = _synthetic_query(cfg, req, prompts, grey_types, out, progress)
+    progress(f"sending {len(synthetic)} synthetic image(s) to {len(nodes)} site(s); each audits "
+             "them against its own data")
+    t1 = time.time()
+    results, errors = query_sites(grid, nodes, content, req.timeout, node_sites,
+                                  max_parallel=req.max_parallel_sites or cfg.max_parallel_sites)
+    aggregates = _checked_aggregates(results, errors, progress)
+    for site, err in errors.items():
+        progress(f"site {site}: audit failed: {err[:300]}", site=site)
+    progress(f"site audits took {time.time() - t1:.1f} s")
+    _write_release(aggregates, errors, synthetic, paths, cfg=cfg, req=req, mhash=mhash, out=out, progress=progress)
+    return Outcome.DONE
+
+
+def _audit_prompts(grid: Grid, nodes: list[int], req: AuditRequest, node_sites: dict[int, str],
+                   progress: AuditProgress) -> tuple[list[str], set[str]]:
+    """The prompts to generate (``--prompt``, else every site's image types' label prompts)
+    and the image types whose site's data is grey (their images are made channel-equal)."""
     grey_types: set[str] = set()
     if req.prompts:
         prompts = sorted(set(req.prompts))
         progress(f"{len(prompts)} prompt(s) given: generating {req.n_per_prompt} image(s) each")
-    else:
-        pr_results, pr_errors = site_prompts(grid, nodes, req.timeout, node_sites)
-        for site, err in pr_errors.items():
-            progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
-        prompts = sorted({str(p) for r in pr_results.values() for p in r.get(P.QUERY_PROMPTS, [])})
-        # a site whose data is grey gets channel-equal images for its type (as its data says)
-        grey_types |= {str(r[P.PROMPTS_IMAGE_TYPE]) for r in pr_results.values()
-                       if r.get(P.PROMPTS_CHANNELS) == 1 and isinstance(r.get(P.PROMPTS_IMAGE_TYPE), str)}
-        if not prompts:
-            msg = "no prompts: no site answered the prompts query and none were given (--prompt)"
-            progress.status(Outcome.FAILED, message=msg)
-            return Outcome.FAILED
+        return prompts, grey_types
+    pr_results, pr_errors = site_prompts(grid, nodes, req.timeout, node_sites)
+    for site, err in pr_errors.items():
+        progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
+    prompts = sorted({str(p) for r in pr_results.values() for p in r.get(P.QUERY_PROMPTS, [])})
+    grey_types |= {str(r[P.PROMPTS_IMAGE_TYPE]) for r in pr_results.values()
+                   if r.get(P.PROMPTS_CHANNELS) == 1 and isinstance(r.get(P.PROMPTS_IMAGE_TYPE), str)}
+    if prompts:
         progress(f"{len(prompts)} prompt(s) from {len(pr_results)} site(s): generating "
                  f"{req.n_per_prompt} image(s) each")
+    return prompts, grey_types
 
-    # 2. generate from the final model
+
+def _synthetic_query(cfg: FederationConfig, req: AuditRequest, prompts: list[str], grey_types: set[str],
+                     out: Path, progress: AuditProgress):
+    """Generate the synthetic set from the run's final model (written to OUT/synthetic) and
+    build the copy-detection query's content. Returns (synthetic, paths, model hash,
+    content factory); the model itself is freed before the sites audit (minutes, and the
+    demo peaks while its sites audit)."""
+    from medisyn.generate import generate, grey_image_types, write_generated
+    from medisyn.models import model_hash
+    from medisyn.procs import trim_heap
+
+    model_dir = Path(req.run_dir) / "model"
     model = GlobalModel(cfg.model, from_dir=model_dir)
     comps = model.components
     mhash = model_hash(model_dir)
     t0 = time.time()
-    grey_types |= grey_image_types(comps)
+    grey_types = grey_types | grey_image_types(comps)
     items = generate(comps, prompts, n_per_prompt=req.n_per_prompt, seed=req.seed, steps=req.steps, grey_types=grey_types,
                      guidance=req.guidance, scheduler=req.scheduler)
     syn_dir = out / "synthetic"
@@ -179,7 +204,6 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
     synthetic = [(p.stem, np.asarray(g.image), g.prompt) for p, g in zip(paths, items, strict=True)]
     progress(f"generated {len(synthetic)} image(s) in {time.time() - t0:.1f} s -> {syn_dir}")
 
-    # 3. the copy-detection query
     images, meta = P.pack_images(synthetic)
     # each image's seed and the sampler settings: a site regenerates (a sample of) the images
     # from the model to verify them before it audits (privacy.audit_verify_sample)
@@ -191,13 +215,14 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         P.GENERATION: json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler,
                                   "grey_types": sorted(grey_types)}),
     }
-    arrays = frozen = state = fz = None
+    arrays = frozen = None
     if req.send_model:
         stage = "unet"
         state, fz, extra = stage_payload(model, cfg, stage)
         arrays = to_record(state)
         frozen = to_record(fz) if fz else None
         config.update({P.STAGE: stage, P.SEED: cfg.seed, P.MODEL_CONFIG: cfg.model.model_dump_json(), **extra})
+        del state, fz
 
     def content() -> RecordDict:
         from flwr.app import Array
@@ -210,17 +235,18 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
             rd[P.FROZEN] = frozen
         return rd
 
-    # The model and the generation's tensors are not needed while the sites audit (minutes):
-    # hand their memory back (the demo peaks while four sites audit at once).
-    del model, comps, items, state, fz
-    from medisyn.procs import trim_heap
-
+    del model, comps, items
     trim_heap()
-    progress(f"sending {len(synthetic)} synthetic image(s) to {len(nodes)} site(s); each audits "
-             "them against its own data")
-    t1 = time.time()
-    results, errors = query_sites(grid, nodes, content, req.timeout, node_sites,
-                                  max_parallel=req.max_parallel_sites or cfg.max_parallel_sites)
+    return synthetic, paths, mhash, content
+
+
+def _checked_aggregates(results: dict[str, dict[str, Any]], errors: dict[str, str],
+                        progress: AuditProgress) -> list[Any]:
+    """Every site's answer as a :class:`SiteAggregate`, checked shareable again here; a
+    malformed or unshareable one goes to ``errors`` (named, never echoed) and is not used."""
+    from medisyn.audit.report import SiteAggregate, assert_shareable
+    from pydantic import ValidationError
+
     aggregates: list[SiteAggregate] = []
     for site, res in sorted(results.items()):
         try:
@@ -228,10 +254,7 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
             if agg.site_id != site:
                 raise ValueError(f"aggregate names site {agg.site_id!r}")
             assert_shareable(agg.model_dump(mode="json"))
-        except Exception as e:  # a malformed or unshareable aggregate is refused, not used
-            # name the problem, never echo the offending value (it may be a leaked path)
-            from pydantic import ValidationError
-
+        except Exception as e:  # name the problem, never echo the offending value (it may be a leaked path)
             if isinstance(e, ValidationError):
                 where = ", ".join(".".join(str(x) for x in err["loc"]) for err in e.errors()[:5])
                 errors[site] = f"rejected aggregate: not a valid site aggregate (fields: {where})"
@@ -246,14 +269,19 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
         progress(f"site {site}: {o.flagged.count}/{o.n_synthetic} flagged (held-out baseline "
                  f"{o.holdout_baseline.rate:.3f}); detector validated: "
                  f"{agg.validation.validated if agg.validation else None}", site=site)
-    for site, err in errors.items():
-        progress(f"site {site}: audit failed: {err[:300]}", site=site)
-    progress(f"site audits took {time.time() - t1:.1f} s")
+    return aggregates
 
-    # 4. the release report and the released set
+
+def _write_release(aggregates: list[Any], errors: dict[str, str], synthetic: list, paths: list[Path], *,
+                   cfg: FederationConfig, req: AuditRequest, mhash: str, out: Path,
+                   progress: AuditProgress) -> None:
+    """The release report (``release_report.{json,html}``) and OUT/released/ (flagged
+    images left out)."""
+    from medisyn.audit import build_release_report
+
     report = build_release_report(
         aggregates, synthetic, out_dir=out, model_hash=mhash, config_hash=cfg.hash(),
-        expected_sites=sorted(set(expected) | set(errors)), site_errors=errors,
+        expected_sites=sorted(set(cfg.sites) | set(errors)), site_errors=errors,
         gallery_per_prompt=req.gallery_per_prompt,
     )
     rel_dir = out / "released"
@@ -268,7 +296,6 @@ def run_audit(grid: Grid, cfg: FederationConfig, req: AuditRequest, *, attempt: 
              f"{len(report.released_ids)} released, {len(report.excluded_ids)} excluded")
     progress.status(Outcome.DONE, gate=report.gate.passed, reasons=report.gate.reasons[:50],
                     report=str(out / "release_report.json"))
-    return Outcome.DONE
 
 
 # --------------------------------------------------------------------------- supervisor side
