@@ -603,7 +603,7 @@ def load_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     return model, validate(TrainConfig, train, f"{args.config or 'defaults'} [train]")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
@@ -630,6 +630,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-train", action="store_true", help="evaluate the models already in OUT/<arm>")
     ap.add_argument("--train-only", action="store_true",
                     help="train the arms and stop (evaluate later with --skip-train, e.g. all arms at once)")
+    return ap
+
+
+def _markdown(study: dict[str, Any], plan: dict[str, Any], args: argparse.Namespace, type_names: list[str]) -> str:
+    """study.md: the table, training cost, warnings, DP ε and the comparisons (sets
+    ``study["warnings"]``)."""
+    md = table(study, type_names)
+    lines = [f"# MediSyn study: generalist vs specialist ({time.strftime('%Y-%m-%d')})", "",
+             f"Budget per arm: {plan['unet_steps_total']} UNet + {plan['vae_steps_total']} VAE optimizer steps of "
+             f"batch {plan['batch_size']}; federated: {plan['n_sites']} sites x {plan['federated']['unet_rounds']} "
+             f"UNet rounds x {plan['federated']['unet_steps_per_site_per_round']} steps; specialists: "
+             f"{plan['steps_per_site']['unet']} UNet + {plan['steps_per_site']['vae']} VAE steps each. "
+             f"Evaluation: {args.n_per_label} images per label, seed {args.seed}. DP arm: every site DP-SGD, "
+             f"ε ≤ {DP_TARGET_EPSILON:g} at δ = {DP_DELTA:g} ({DP_ACCOUNTANT}).", "", md, "",
+             "| arm | train wall s | train CPU s | model hash |", "|---|---|---|---|"]
+    for arm, rec in study["arms"].items():
+        tt = rec.get("train_time", {})
+        hashes = ", ".join(f"{u}: {m['hash'][:12]}" for u, m in (rec.get("evaluation") or {}).get("models", {}).items())
+        lines.append(f"| {arm}: {ARMS[arm]} | {tt.get('wall_seconds', '–')} | {tt.get('cpu_seconds', '–')} | "
+                     f"{hashes or rec.get('error', '–')} |")
+    warnings = sorted({w for rec in study["arms"].values() for w in (rec.get("evaluation") or {}).get("warnings", [])})
+    study["warnings"] = warnings
+    if warnings:
+        lines += ["", "Warnings from the evaluations:", *[f"- {w}" for w in warnings]]
+    eps = (study["arms"].get("d", {}).get("train") or {}).get("epsilon_spent")
+    if eps:
+        lines += ["", "DP arm, ε spent per site (site ledger): "
+                  + ", ".join(f"{s} {v:.3f}" for s, v in sorted(eps.items()))]
+    for key, c in study["comparisons"].items():
+        lines.append("")
+        lines.append(f"{c['what']} ({key}), types at least as good (strictly better) of those compared: " + "; ".join(
+            f"{k} {len(c[k]['types_at_least_as_good'])} ({len(c[k]['types_better'])})/{c[k]['n_types_compared']}"
+            for k in TABLE_METRICS))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -718,34 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     study["grids"] = write_grids(galleries, dcfgs, results / "study", args.grid_per_label)
     study["total_wall_seconds"] = round(time.perf_counter() - t0, 1)
-    md = table(study, type_names)
-    lines = [f"# MediSyn study: generalist vs specialist ({time.strftime('%Y-%m-%d')})", "",
-             f"Budget per arm: {plan['unet_steps_total']} UNet + {plan['vae_steps_total']} VAE optimizer steps of "
-             f"batch {plan['batch_size']}; federated: {plan['n_sites']} sites x {plan['federated']['unet_rounds']} "
-             f"UNet rounds x {plan['federated']['unet_steps_per_site_per_round']} steps; specialists: "
-             f"{plan['steps_per_site']['unet']} UNet + {plan['steps_per_site']['vae']} VAE steps each. "
-             f"Evaluation: {args.n_per_label} images per label, seed {args.seed}. DP arm: every site DP-SGD, "
-             f"ε ≤ {DP_TARGET_EPSILON:g} at δ = {DP_DELTA:g} ({DP_ACCOUNTANT}).", "", md, "",
-             "| arm | train wall s | train CPU s | model hash |", "|---|---|---|---|"]
-    for arm, rec in study["arms"].items():
-        tt = rec.get("train_time", {})
-        hashes = ", ".join(f"{u}: {m['hash'][:12]}" for u, m in (rec.get("evaluation") or {}).get("models", {}).items())
-        lines.append(f"| {arm}: {ARMS[arm]} | {tt.get('wall_seconds', '–')} | {tt.get('cpu_seconds', '–')} | "
-                     f"{hashes or rec.get('error', '–')} |")
-    warnings = sorted({w for rec in study["arms"].values() for w in (rec.get("evaluation") or {}).get("warnings", [])})
-    study["warnings"] = warnings
-    if warnings:
-        lines += ["", "Warnings from the evaluations:", *[f"- {w}" for w in warnings]]
-    eps = (study["arms"].get("d", {}).get("train") or {}).get("epsilon_spent")
-    if eps:
-        lines += ["", "DP arm, ε spent per site (site ledger): "
-                  + ", ".join(f"{s} {v:.3f}" for s, v in sorted(eps.items()))]
-    for key, c in study["comparisons"].items():
-        lines.append("")
-        lines.append(f"{c['what']} ({key}), types at least as good (strictly better) of those compared: " + "; ".join(
-            f"{k} {len(c[k]['types_at_least_as_good'])} ({len(c[k]['types_better'])})/{c[k]['n_types_compared']}"
-            for k in TABLE_METRICS))
-    text = "\n".join(lines) + "\n"
+    text = _markdown(study, plan, args, type_names)
     (results / "study.json").write_text(json.dumps(finite(study), indent=2, default=str, allow_nan=False))
     (results / "study.md").write_text(text)
     log("")
