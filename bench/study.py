@@ -84,11 +84,12 @@ ARMS = {
     "b": "federated generalist (FedAvg)",
     "c": "local specialist (site alone)",
     "d": "federated generalist, DP-SGD at every site",
-    "e": "federated generalist, FedAvgM server lr 4",
+    "e": "federated generalist, FedAvgM server lr > 1",
 }
 # Arm e: with one image type per site, FedAvg passes each site's type-specific progress on
 # at its weight (~1/4); a server learning rate of 4 (no momentum) passes it on whole, and
-# prompt anchoring keeps the four updates from pulling on each other's prompts.
+# prompt anchoring keeps the four updates from pulling on each other's prompts
+# (--server-lr: the default).
 SERVER_LR_E = 4.0
 DP_TARGET_EPSILON = 8.0
 DP_DELTA = 1e-5
@@ -174,7 +175,7 @@ def make_plan(args: argparse.Namespace, n_sites: int) -> dict[str, Any]:
             "d": {"unet_steps": unet_total, "vae_steps": vae_total,
                   "where": "as b, DP-SGD (Poisson sampling, expected batch = batch_size) at every site"},
             "e": {"unet_steps": unet_total, "vae_steps": vae_total,
-                  "where": f"as b, FedAvgM with server lr {SERVER_LR_E:g}, no momentum"},
+                  "where": f"as b, FedAvgM with server lr {args.server_lr:g}, no momentum"},
         },
     }
 
@@ -394,7 +395,7 @@ def train_arm(arm: str, out: Path, texts: dict[str, str], dcfgs: dict[str, Datas
                         f"(delta {p['delta']:g})")
             from medisyn.server.config import StrategyConfig
 
-            strategy = StrategyConfig(name="fedavgm", server_lr=SERVER_LR_E) if arm == "e" else None
+            strategy = StrategyConfig(name="fedavgm", server_lr=args.server_lr) if arm == "e" else None
             rec["train"] = train_federated(arm, arm_dir, texts, model_cfg, train_cfg, plan, dp=dp,
                                            threads=args.threads, seed=args.seed, strategy=strategy)
     log(f"   arm {arm} trained: {rec['train_time']['wall_seconds']} s wall, {rec['train_time']['cpu_seconds']} s CPU")
@@ -624,6 +625,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--classifier-steps", type=int, default=None,
                     help="steps of each evaluation classifier (default: medisyn.evaluation's, 300)")
+    ap.add_argument("--server-lr", type=float, default=SERVER_LR_E, help="arm e's FedAvgM server learning rate")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (federated: split over the 4 sites)")
     ap.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
     ap.add_argument("--grid-per-label", type=int, default=4)
