@@ -85,7 +85,9 @@ def demo_config(out_dir: Path, port: int, *, quick: bool, sites: Sequence[str] =
         keep_checkpoints=1,
         strategy=strategy,
         model=model,
-        train=TrainConfig(batch_size=16, num_threads=1, lr=1e-3, vae_lr=2e-3 if quick else 1e-3),
+        # each site keeps its AdamW moments between rounds (medisyn.train.LocalOptimizerState)
+        train=TrainConfig(batch_size=16, num_threads=1, lr=1e-3, vae_lr=2e-3 if quick else 1e-3,
+                          keep_optimizer_state=True),
         sites=list(sites),
         superlink=ServerSuperLink(host="127.0.0.1", port=port, insecure=True, database="memory"),
         run_dir=out_dir / "run",
