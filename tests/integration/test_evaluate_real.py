@@ -86,7 +86,9 @@ def test_federated_evaluation_with_real_daemons(tmp_path):
     try:
         res = subprocess.run(
             [executable("medisyn-server"), "evaluate", "--run", str(cfg.run_dir), "--out", str(out),
-             "--n-per-label", "4", "--steps", "2", "--classifier-steps", "10", "--timeout", "300"],
+             "--n-per-label", "4", "--steps", "2", "--classifier-steps", "10", "--timeout", "300",
+             # one site at a time: the pool over the real SuperLink's push/pull (co-located sites)
+             "--max-parallel-sites", "1"],
             env=child_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=360,
             start_new_session=True)
         print(res.stdout, res.stderr)
