@@ -379,8 +379,13 @@ def train_round(
     frozen: dict[str, np.ndarray] | None,
     node_sites: dict[int, str],
     extra_config: dict[str, Any] | None = None,
+    site_seconds: dict[str, float] | None = None,
 ) -> RoundResult:
-    """One training round: send, collect, check, aggregate (strategy), report."""
+    """One training round: send, collect, check, aggregate (strategy), report.
+
+    ``site_seconds``: each site's task time in the last round; with ``max_parallel_sites``
+    the slowest are asked first (longest first: the round then waits for the slowest
+    site beside the others, not after them)."""
     token = reply_token(grid, global_round)
     enrolled = read_enrolment(cfg.run_dir)  # node id -> site id, under SuperNode auth
     config = ConfigRecord(
@@ -401,6 +406,8 @@ def train_round(
     layout = layout_of(current)
     arrays = to_record(current)
     messages = list(strategy.configure_train(stage_round, arrays, config, grid))
+    if site_seconds and cfg.max_parallel_sites:
+        messages.sort(key=lambda m: -site_seconds.get(node_sites.get(m.metadata.dst_node_id, ""), 0.0))
     down = record_bytes(arrays)
     if frozen:
         frozen_record = to_record(frozen)
@@ -576,6 +583,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     status(run_dir, Outcome.RUNNING, round=start - 1, total_rounds=cfg.total_rounds)
 
     node_sites: dict[int, str] = {}
+    site_seconds: dict[str, float] = {}  # site -> its last task time (the pool asks the slowest first)
     anchor: str | None = None  # ANCHOR_PROMPTS ("": none), from the prompts query at the first UNet round
     strategy: Any = None
     strategy_stage: Stage | None = None
@@ -604,7 +612,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             global_round=global_round, stage=stage, stage_round=stage_round,
             frozen=frozen or None, node_sites=node_sites, extra_config=extra,
         )
-        res = train_round(grid, strategy, cfg, current=current, **kw)
+        res = train_round(grid, strategy, cfg, current=current, site_seconds=site_seconds, **kw)
+        site_seconds.update({site: float(m[P.SITE_SECONDS]) for site, m in res.accepted.items()
+                             if P.SITE_SECONDS in m})
         if res.new_state is not None:
             model.load(stage, res.new_state)
             current = res.new_state

@@ -878,3 +878,43 @@ def test_at_most_max_parallel_sites_are_asked_at_once(monkeypatch):
     grid = Pool(silent={1})
     results, _ = fed.query_sites(grid, [1, 2, 3], content, 0.05, {}, max_parallel=2)
     assert sorted(results) == ["s2", "s3"]
+
+
+def test_pool_asks_the_slowest_site_first(tmp_path, client_app):
+    """With max_parallel_sites, a round pushes its sites slowest-first (their last task
+    times), so the round waits for the slowest beside the others, not after them."""
+
+    class PushPull(LocalGrid):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.pushed: list[list[int]] = []
+            self.ready: dict[str, Message] = {}
+
+        def push_messages(self, messages):  # noqa: ANN001, ANN201
+            ids = []
+            for m in messages:
+                mid = f"m{len(self.ready)}-{m.metadata.dst_node_id}"
+                m.metadata.__dict__["_message_id"] = mid
+                if m.metadata.message_type != P.QUERY_MESSAGE:
+                    if not self.pushed or len(self.pushed[-1]) == len(self.node_configs):
+                        self.pushed.append([])
+                    self.pushed[-1].append(m.metadata.dst_node_id)
+                (reply,) = LocalGrid.send_and_receive(self, [m])
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                self.ready[mid] = reply
+                ids.append(mid)
+            return ids
+
+        def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+            return [self.ready.pop(i) for i in list(message_ids) if i in self.ready]
+
+    sites = SITES[:3]
+    cfg = fed_cfg(tmp_path, stages=["unet"], rounds=2, local_steps=1, sites=sites, min_sites=3, max_parallel_sites=1)
+    nodes = node_configs(tmp_path, sites=sites)
+    grid = PushPull(nodes, client_app)
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    assert len(grid.pushed) == 2 and sorted(grid.pushed[0]) == sorted(nodes)
+    first = fed.iter_metrics(cfg.run_dir)[0]["sites"]
+    node_of = {next(s for s in sites if f"/{s}/" in str(nodes[n]["site-config"])): n for n in nodes}
+    slowest_first = sorted(sites, key=lambda s: -first[s]["site-seconds"])
+    assert grid.pushed[1] == [node_of[s] for s in slowest_first], (first, grid.pushed)
