@@ -130,9 +130,9 @@ def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_
             # DP-SGD at this site: σ = 1 over the demo's plan stays far below the cap
             # (bench/results/dp_overhead.json: ε ≈ 3.3–4.3 for 3–4 rounds of 20 steps).
             # Poisson batches (expected 16) run in parts of at most 8 records: the same
-            # update and ε, about half the per-sample-gradient memory, ~15% more time per
-            # step, which the demo's round does not wait for (the other lane, three
-            # non-DP sites one after another, is longer: max_parallel_sites).
+            # update and ε, about half the per-sample-gradient memory (the demo's peak:
+            # 6.08 -> 5.64 GiB), ~15% more time per step, which the round does not wait
+            # for (the other core's three non-DP sites take longer: max_parallel_sites).
             site_privacy = ("[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 10.0\naccountant = \"rdp\"\n"
                             "max_physical_batch = 8\n")
         (d / "site.toml").write_text(
@@ -178,15 +178,15 @@ def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: 
     return grids
 
 
-# The federated evaluation sized for the demo on 2 shared cores (`medisyn-server evaluate`
-# defaults: 64 images per label, 300 classifier steps).
 def parallel_sites() -> int:
-    """The demo's sites share this machine, and each audits and evaluates on one thread:
-    ask about one site per core at a time (4 sites on 2 cores take as long in two waves of
-    2, and hold two sites' audit memory at once instead of four)."""
+    """The demo's sites share this machine and each works on one thread: ask one site per
+    core at a time (4 sites on 2 cores take about as long, and hold two sites' training or
+    audit memory at once instead of four; the slowest site is asked first)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+# The federated evaluation sized for the demo on 2 shared cores (`medisyn-server evaluate`
+# defaults: 64 images per label, 300 classifier steps).
 DEMO_EVALUATION = {
     True: {"n_per_label": 4, "steps": 10, "classifier_steps": 60, "encoder_steps": 80, "gallery_per_prompt": 4},
     False: {"n_per_label": 16, "steps": 20, "classifier_steps": 150, "encoder_steps": 200, "gallery_per_prompt": 8},
@@ -199,8 +199,7 @@ def run_demo_evaluation(run_dir: Path, out_dir: Path, quick: bool, *, echo: Call
     from medisyn.server.evaluate import EvaluateRequest, run_evaluate_command
 
     echo("evaluating the model at every site on its own data ...")
-    req = EvaluateRequest(run_dir=run_dir, out_dir=out_dir, timeout=1800,
-                          **DEMO_EVALUATION[quick])
+    req = EvaluateRequest(run_dir=run_dir, out_dir=out_dir, timeout=1800, **DEMO_EVALUATION[quick])
     code = run_evaluate_command(req, echo=echo, superlink=superlink)
     if code not in (0, 1):  # 0/1: the report was written (every site / some sites evaluated)
         raise SupervisorError(f"the federated evaluation failed (exit {code})", ExitCode(code))
