@@ -530,15 +530,12 @@ class LocalOptimizerState:
             return 0
 
     def save(self, optimizer: torch.optim.Optimizer, rounds: int) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        save_file(_optimizer_tensors(optimizer.state_dict()), tmp,
-                  metadata={"run_id": self.run_id, "rounds": str(rounds)})
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        from medisyn.fileio import atomic_write_bytes
+
+        atomic_write_bytes(self.path, save(_optimizer_tensors(optimizer.state_dict()),
+                                           metadata={"run_id": self.run_id, "rounds": str(rounds)}))
 
 
 # --------------------------------------------------------------------------- steppers

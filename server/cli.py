@@ -60,6 +60,13 @@ def check(config: Annotated[Path, typer.Option("--config", "-c", help="federatio
         typer.echo(f"warning: {w}", err=True)
 
 
+# --max-parallel-sites of `audit` and `evaluate`
+MaxParallelSites = Annotated[int | None, typer.Option(
+    "--max-parallel-sites", min=1,
+    help="Ask at most this many sites at once (default: the run's max_parallel_sites, else all). For sites "
+         "that share one machine: about one per core takes as long and holds less memory.")]
+
+
 @app.command(help=(
     "Release audit of a finished run: generate K images per prompt of every site's image "
     "types from RUN_DIR/model, send them to every site in a Flower query, collect each "
@@ -77,7 +84,7 @@ def audit(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt(s) to generate instead of asking the sites (repeatable).")] = None,
     no_model: Annotated[bool, typer.Option("--no-model", help="Do not send the model's weights to the sites (no VAE view, no membership probe).")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers to one query.")] = 3600.0,
-    max_parallel_sites: Annotated[int | None, typer.Option("--max-parallel-sites", min=1, help="Ask at most this many sites at once (default: the run's max_parallel_sites, else all). For sites that share one machine: about one per core takes as long and holds less memory.")] = None,
+    max_parallel_sites: MaxParallelSites = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -106,7 +113,7 @@ def evaluate(
     seed: Annotated[int, typer.Option("--seed", help="First sampling seed (also the classifiers' seed).")] = 0,
     classifier_steps: Annotated[int, typer.Option("--classifier-steps", min=1, help="Steps of each site classifier (the encoder CNN gets a third more).")] = 300,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers.")] = 3600.0,
-    max_parallel_sites: Annotated[int | None, typer.Option("--max-parallel-sites", min=1, help="Ask at most this many sites at once (default: the run's max_parallel_sites, else all). For sites that share one machine: about one per core takes as long and holds less memory.")] = None,
+    max_parallel_sites: MaxParallelSites = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show debug logs.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
