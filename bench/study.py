@@ -175,7 +175,8 @@ def make_plan(args: argparse.Namespace, n_sites: int) -> dict[str, Any]:
             "d": {"unet_steps": unet_total, "vae_steps": vae_total,
                   "where": "as b, DP-SGD (Poisson sampling, expected batch = batch_size) at every site"},
             "e": {"unet_steps": unet_total, "vae_steps": vae_total,
-                  "where": f"as b, FedAvgM with server lr {args.server_lr:g}, no momentum"},
+                  "where": f"as b, FedAvgM with server lr {args.server_lr:g}, momentum {args.server_momentum:g}, "
+                           f"sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}"},
         },
     }
 
@@ -395,7 +396,8 @@ def train_arm(arm: str, out: Path, texts: dict[str, str], dcfgs: dict[str, Datas
                         f"(delta {p['delta']:g})")
             from medisyn.server.config import StrategyConfig
 
-            strategy = StrategyConfig(name="fedavgm", server_lr=args.server_lr) if arm == "e" else None
+            strategy = (StrategyConfig(name="fedavgm", server_lr=args.server_lr, server_momentum=args.server_momentum,
+                                       weighting=args.weighting) if arm == "e" else None)
             rec["train"] = train_federated(arm, arm_dir, texts, model_cfg, train_cfg, plan, dp=dp,
                                            threads=args.threads, seed=args.seed, strategy=strategy)
     log(f"   arm {arm} trained: {rec['train_time']['wall_seconds']} s wall, {rec['train_time']['cpu_seconds']} s CPU")
@@ -626,6 +628,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier-steps", type=int, default=None,
                     help="steps of each evaluation classifier (default: medisyn.evaluation's, 300)")
     ap.add_argument("--server-lr", type=float, default=SERVER_LR_E, help="arm e's FedAvgM server learning rate")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="arm e's FedAvgM server momentum")
+    ap.add_argument("--weighting", choices=("examples", "equal"), default="examples",
+                    help="arm e's site weights: by num-examples (FedAvg's) or equal")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (federated: split over the 4 sites)")
     ap.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
     ap.add_argument("--grid-per-label", type=int, default=4)

@@ -58,6 +58,13 @@ class StrategyConfig(_Frozen):
     ``fedavgm`` (FedAvg with a server learning rate and momentum) ``server_lr``/``server_momentum``."""
 
     name: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = "fedavg"
+    # Each accepted site's weight in the average: "examples" (FedAvg's: the num-examples it
+    # claims, capped by its max_examples) or "equal" (every accepted site counts once). Sites
+    # train the same steps per round, so "equal" averages the same amount of training from
+    # each and serves every site's specialty alike; with "examples" one large site sets most
+    # of the model (a 4-site study: the chest X-ray site 53%, breast 12%; docs/quality.md).
+    # "equal" also makes a site's num-examples claim buy nothing.
+    weighting: Literal["examples", "equal"] = "examples"
     # FedAvgM: global += server_lr * (momentum buffer of the averaged site updates). With
     # one image type per site, each site's type-specific progress reaches the average
     # diluted by its weight (~1/4 with 4 sites); server_lr > 1 restores it (docs/quality.md).

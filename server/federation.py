@@ -478,12 +478,17 @@ def train_round(
     for site, (_claimed, cap) in verdict.capped.items():
         result.accepted[site]["weight-examples"] = cap
 
+    weights = ({c.site: 1.0 for c in verdict.accepted} if cfg.strategy.weighting == "equal"
+               else verdict.weights)
+    total = sum(weights[c.site] for c in verdict.accepted)
+    for c in verdict.accepted:  # each site's share of the average, in the round's metrics
+        result.accepted[c.site]["weight-share"] = weights[c.site] / total
     # Aggregate over a uniform reply shape (the weights and the capped weight only); the
     # full per-site metrics are reported separately.
     result.new_state, result.loss, result.aggregate_problem = aggregate_checked(
         strategy, stage_round,
         [(by_site[c.site], next(iter(by_site[c.site].content.array_records.values())),
-          verdict.weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
+          weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
         layout,
     )
     return result

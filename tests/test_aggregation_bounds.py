@@ -243,6 +243,50 @@ def test_in_process_round_rejects_a_stale_token_and_caps_a_claim(tmp_path):
     assert rec["sites"]["fundus"]["status"] == "ok" and rec["aggregate_problem"] is None
 
 
+@pytest.mark.parametrize("weighting", ["examples", "equal"])
+def test_equal_weighting_averages_sites_alike_whatever_they_claim(tmp_path, weighting):
+    """Through run_federation and the real ClientApp: with ``weighting = "equal"`` the new
+    global model is the plain mean of the accepted replies and a site claiming 1e12
+    examples buys nothing; with "examples" that claim sets the model. The round's
+    metrics give each site's share."""
+    from medisyn.client.app import app as client_app
+    from medisyn.server import federation as fed
+    from medisyn.server.checkpoint import latest_checkpoint
+    from safetensors.numpy import load_file
+    from test_federation_units import TINY_MODEL, LocalGrid, fed_cfg, node_configs
+
+    from medisyn.models import build_components, trainable_state
+
+    sent: dict[int, np.ndarray] = {}
+
+    def keeper(node: int, claim: int | None = None):
+        def keep(_site, reply: Message) -> Message:
+            sent[node] = np.asarray(reply.content["arrays"][PACKED].numpy()).copy()
+            if claim is not None:
+                reply.content["metrics"]["num-examples"] = claim
+            return reply
+        return keep
+
+    # nodes 1000, 1001, 1002 are breast-us, chest-xray, fundus; chest-xray claims 1e12
+    cfg = fed_cfg(tmp_path, stages=["vae"], strategy={"weighting": weighting})
+    grid = LocalGrid(node_configs(tmp_path), client_app,
+                     tamper={1000: keeper(1000), 1001: keeper(1001, 10**12), 1002: keeper(1002)})
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    (rec,) = fed.iter_metrics(cfg.run_dir)
+    shares = {s: rec["sites"][s]["weight-share"] for s in ("breast-us", "chest-xray", "fundus")}
+    assert len(sent) == 3 and not np.allclose(sent[1000], sent[1001])
+    if weighting == "equal":
+        assert shares == pytest.approx({s: 1 / 3 for s in shares})
+        expected = np.mean([sent[n] for n in sorted(sent)], axis=0, dtype=np.float64)
+    else:
+        assert shares["chest-xray"] == pytest.approx(1.0, abs=1e-6)
+        expected = sent[1001].astype(np.float64)
+    layout = layout_of({k: v.numpy() for k, v in trainable_state(build_components(TINY_MODEL), "vae").items()})
+    saved = load_file(str(latest_checkpoint(cfg.run_dir).model_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    got = np.concatenate([saved[k].astype(np.float64).ravel() for k, _ in layout])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_reply_bound_to_its_enrolled_node(tmp_path):
     """Under node auth, RUN_DIR/enrolment.json maps node id -> site: a node that claims
     another site's id is rejected (and does not get the real site rejected with it)."""
