@@ -84,7 +84,7 @@ ARMS = {
     "b": "federated generalist (FedAvg)",
     "c": "local specialist (site alone)",
     "d": "federated generalist, DP-SGD at every site",
-    "e": "federated generalist, FedAvgM server lr > 1",
+    "e": "federated generalist, server optimizer",
 }
 # Arm e: with one image type per site, FedAvg passes each site's type-specific progress on
 # at its weight (~1/4); a server learning rate of 4 (no momentum) passes it on whole, and
@@ -175,8 +175,7 @@ def make_plan(args: argparse.Namespace, n_sites: int) -> dict[str, Any]:
             "d": {"unet_steps": unet_total, "vae_steps": vae_total,
                   "where": "as b, DP-SGD (Poisson sampling, expected batch = batch_size) at every site"},
             "e": {"unet_steps": unet_total, "vae_steps": vae_total,
-                  "where": f"as b, FedAvgM with server lr {args.server_lr:g}, momentum {args.server_momentum:g}, "
-                           f"sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}"},
+                  "where": f"as b, {arm_e_where(args)}"},
         },
     }
 
@@ -308,7 +307,8 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
 
     port = free_port()
     fed = plan["federated"]
-    per_site_threads = max(1, threads // len(SITES))
+    # cyclic: one site trains at a time, with all the threads
+    per_site_threads = threads if strategy is not None and strategy.name == "cyclic" else max(1, threads // len(SITES))
     stages = ["vae", "unet"] if fed["vae_steps_per_site_per_round"] else ["unet"]  # --vae-steps 0: no VAE stage
     cfg = FederationConfig(
         name=f"medisyn-study-{arm}",
@@ -394,15 +394,32 @@ def train_arm(arm: str, out: Path, texts: dict[str, str], dcfgs: dict[str, Datas
                     log(f"    {s}: N = {p['n_records']}, q = {p['sample_rate']:.4f}, {p['dp_steps']} DP steps, "
                         f"sigma = {p['noise_multiplier']:.4f} -> planned epsilon {p['planned_epsilon']:.3f} "
                         f"(delta {p['delta']:g})")
-            from medisyn.server.config import StrategyConfig
 
-            strategy = (StrategyConfig(name="fedavgm", server_lr=args.server_lr, server_momentum=args.server_momentum,
-                                       weighting=args.weighting) if arm == "e" else None)
+            strategy = arm_e_strategy(args) if arm == "e" else None
             rec["train"] = train_federated(arm, arm_dir, texts, model_cfg, train_cfg, plan, dp=dp,
                                            threads=args.threads, seed=args.seed, strategy=strategy)
     log(f"   arm {arm} trained: {rec['train_time']['wall_seconds']} s wall, {rec['train_time']['cpu_seconds']} s CPU")
     (arm_dir / "train.json").write_text(json.dumps(finite(rec), indent=2, default=str, allow_nan=False))
     return rec
+
+
+def arm_e_strategy(args: argparse.Namespace) -> Any:
+    from medisyn.server.config import StrategyConfig
+
+    if args.server_opt == "fedadam":
+        return StrategyConfig(name="fedadam", eta=args.server_eta, tau=args.server_tau, weighting=args.weighting)
+    if args.server_opt == "cyclic":
+        return StrategyConfig(name="cyclic")
+    return StrategyConfig(name="fedavgm", server_lr=args.server_lr, server_momentum=args.server_momentum,
+                          weighting=args.weighting)
+
+
+def arm_e_where(args: argparse.Namespace) -> str:
+    if args.server_opt == "cyclic":
+        return "cyclic: each round the sites train one after another, each from the previous site's model (order rotating)"
+    opt = (f"FedAdam with eta {args.server_eta:g}, tau {args.server_tau:g}" if args.server_opt == "fedadam"
+           else f"FedAvgM with server lr {args.server_lr:g}, momentum {args.server_momentum:g}")
+    return f"{opt}, sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}"
 
 
 def model_dirs(arm: str, out: Path) -> dict[str, Path]:
@@ -627,7 +644,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--classifier-steps", type=int, default=None,
                     help="steps of each evaluation classifier (default: medisyn.evaluation's, 300)")
+    ap.add_argument("--server-opt", choices=("fedavgm", "fedadam", "cyclic"), default="fedavgm",
+                    help="arm e's server optimizer: FedAvgM (--server-lr, --server-momentum), FedAdam "
+                         "(--server-eta, --server-tau) or cyclic (sites one after another, no averaging)")
     ap.add_argument("--server-lr", type=float, default=SERVER_LR_E, help="arm e's FedAvgM server learning rate")
+    ap.add_argument("--server-eta", type=float, default=1e-2, help="arm e's FedAdam server learning rate")
+    ap.add_argument("--server-tau", type=float, default=1e-3, help="arm e's FedAdam adaptivity floor tau")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="arm e's FedAvgM server momentum")
     ap.add_argument("--weighting", choices=("examples", "equal"), default="examples",
                     help="arm e's site weights: by num-examples (FedAvg's) or equal")

@@ -57,7 +57,10 @@ class StrategyConfig(_Frozen):
     """Server-side aggregation. ``fedprox`` needs ``proximal_mu``; ``fedadam`` the ``eta``/``beta``;
     ``fedavgm`` (FedAvg with a server learning rate and momentum) ``server_lr``/``server_momentum``."""
 
-    name: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = "fedavg"
+    # "cyclic": the sites train one after another each round, each from the model the site
+    # before it trained (no averaging; medisyn.server.federation.cyclic_round). A site then
+    # receives the model the previous site trained, not only an average (docs/federation.md).
+    name: Literal["fedavg", "fedprox", "fedadam", "fedavgm", "cyclic"] = "fedavg"
     # Each accepted site's weight in the average: "examples" (FedAvg's: the num-examples it
     # claims, capped by its max_examples) or "equal" (every accepted site counts once). Sites
     # train the same steps per round, so "equal" averages the same amount of training from

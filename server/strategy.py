@@ -33,7 +33,7 @@ def make_strategy(cfg: StrategyConfig) -> FedAvg:
         min_available_nodes=1,
         weighted_by_key=P.NUM_EXAMPLES,
     )
-    if cfg.name == "fedavg":
+    if cfg.name in ("fedavg", "cyclic"):  # cyclic: one reply per "aggregate" (federation.cyclic_round)
         return FedAvg(**common)
     if cfg.name == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)

@@ -918,3 +918,47 @@ def test_pool_asks_the_slowest_site_first(tmp_path, client_app):
     node_of = {next(s for s in sites if f"/{s}/" in str(nodes[n]["site-config"])): n for n in nodes}
     slowest_first = sorted(sites, key=lambda s: -first[s]["site-seconds"])
     assert grid.pushed[1] == [node_of[s] for s in slowest_first], (first, grid.pushed)
+
+
+def test_cyclic_rounds_chain_the_sites_in_a_rotating_order(tmp_path, client_app):
+    """``[strategy] name = "cyclic"``: each site starts from the model the site before it
+    trained, the round's model is the last site's reply, and the next round starts one
+    site further on (no site is always last)."""
+    from safetensors.numpy import load_file
+
+    from medisyn.models import build_components, trainable_state
+
+    received: list[tuple[int, np.ndarray]] = []
+    sent: list[tuple[int, np.ndarray]] = []
+
+    class Recording(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+            messages = list(messages)
+            for m in messages:
+                if m.metadata.message_type != P.QUERY_MESSAGE:
+                    received.append((m.metadata.dst_node_id, np.asarray(m.content["arrays"][P.PACKED].numpy()).copy()))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    def keep(node: int):
+        def f(_site, reply: Message) -> Message:
+            sent.append((node, np.asarray(reply.content["arrays"][P.PACKED].numpy()).copy()))
+            return reply
+        return f
+
+    nodes = node_configs(tmp_path)
+    cfg = fed_cfg(tmp_path, stages=["vae"], rounds=2, strategy={"name": "cyclic"})
+    grid = Recording(nodes, client_app, tamper={n: keep(n) for n in nodes})
+    assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
+    assert [n for n, _ in received] == [1000, 1001, 1002, 1001, 1002, 1000]
+    assert [n for n, _ in sent] == [n for n, _ in received]
+    init = P.pack({k: v.numpy() for k, v in trainable_state(build_components(TINY_MODEL), "vae").items()})
+    np.testing.assert_array_equal(received[0][1], init)
+    for i in range(1, 6):  # every site starts from the previous site's model
+        np.testing.assert_array_equal(received[i][1], sent[i - 1][1])
+        assert not np.array_equal(sent[i][1], sent[i - 1][1])
+    saved = load_file(str(latest_checkpoint(cfg.run_dir).model_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    np.testing.assert_array_equal(P.pack({k: saved[k] for k in trainable_state(build_components(TINY_MODEL), "vae")}),
+                                  sent[-1][1])
+    rec = fed.iter_metrics(cfg.run_dir)[-1]
+    assert sorted(rec["sites"]) == ["breast-us", "chest-xray", "fundus"]
+    assert all(rec["sites"][s]["status"] == "ok" for s in rec["sites"])
