@@ -271,11 +271,16 @@ def config_warnings(cfg: FederationConfig) -> list[str]:
     if sl.enable_supernode_auth and not any(e.public_key for e in cfg.enrolment.values()):
         out.append("superlink: enable_supernode_auth = true but no [sites.<id>] public_key: "
                    "register site keys with `flwr supernode register` before sites connect")
+    cyclic = cfg.strategy.name == "cyclic"
     if cfg.strategy.max_update_norm is None:
-        out.append("strategy.max_update_norm is not set: with 2 or fewer replies a round has "
-                   "no bound on a site's update")
+        out.append("strategy.max_update_norm is not set: "
+                   + ("with cyclic rounds every reply is checked alone, so no site's update is bounded"
+                      if cyclic else "with 2 or fewer replies a round has no bound on a site's update"))
+    if cyclic:
+        out.append("strategy.name = 'cyclic': each site receives the model the previous site trained "
+                   "(one site's update, not an average); use it only among sites that accept this")
     uncapped = [s for s in cfg.sites if cfg.max_examples_for(s) is None]
-    if uncapped or not cfg.sites:
+    if not cyclic and cfg.strategy.weighting == "examples" and (uncapped or not cfg.sites):
         out.append("no max_examples cap for " + (f"sites {uncapped}" if cfg.sites else "any site")
                    + ": a site's num-examples claim sets its FedAvg weight unchecked")
     if cfg.model.preset == "tiny" and "vae" not in cfg.stages:

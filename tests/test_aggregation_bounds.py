@@ -311,3 +311,17 @@ def test_reply_bound_to_its_enrolled_node(tmp_path):
     assert "enrolled as 'fundus'" in rec["sites"]["fundus"]["reason"]
     assert "node 1001 is not enrolled" in rec["sites"]["node-1001"]["reason"]
     assert rec["answered"] == 1
+
+
+def test_check_warns_about_cyclic_rounds_and_uncapped_claims_only_where_they_count():
+    from medisyn.server.config import config_warnings
+
+    def warned(**strategy) -> str:
+        return "\n".join(config_warnings(FederationConfig(sites=["a", "b"], strategy=strategy)))
+
+    assert "num-examples claim" in warned()
+    assert "num-examples claim" not in warned(weighting="equal")  # a claim buys nothing
+    cyclic = warned(name="cyclic")
+    assert "previous site trained" in cyclic and "checked alone" in cyclic
+    assert "num-examples claim" not in cyclic
+    assert "previous site trained" not in warned(name="fedavg", max_update_norm=5.0)
