@@ -541,13 +541,31 @@ class LocalOptimizerState:
 # --------------------------------------------------------------------------- steppers
 
 
-class PlainStepper:
-    """Non-DP steps: a batch from the (balanced or shuffled) source, backward, clip, step."""
+def _finite(loss: torch.Tensor, stage: str, step: int) -> torch.Tensor:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
+    return loss
 
-    def __init__(self, objective, optimizer, params, config: TrainConfig, seed: int):
+
+class PlainStepper:
+    """Non-DP steps: a batch from the (balanced or shuffled) source, the loss (plus
+    FedProx's proximal term and prompt anchoring, when on), backward, clip, step."""
+
+    def __init__(self, objective, optimizer, params, config: TrainConfig, seed: int, *,
+                 proximal: ProximalHook | None = None, anchor: PromptAnchorHook | None = None):
         self.objective, self.optimizer, self.params, self.config = objective, optimizer, params, config
         self.source = batch_source(objective, config, seed)
+        self.proximal, self.anchor = proximal, anchor
         self.extra: dict[str, float] = {}
+
+    def train_step(self, module: torch.nn.Module, step: int, gen: torch.Generator, stage: str
+                   ) -> tuple[float | None, int]:
+        """One optimizer step; returns (the batch's loss, its size)."""
+        batch = self.next_batch(step)
+        loss = _finite(self.objective.loss(module, batch, gen), stage, step)
+        total = self.proximal.on_loss(loss) if self.proximal is not None else loss
+        self.apply(self.anchor.on_loss(total, module, batch, gen) if self.anchor is not None else total)
+        return float(loss.detach()), len(batch[0])
 
     def next_batch(self, step: int):
         idx = self.source.batch(step)
@@ -559,9 +577,6 @@ class PlainStepper:
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
-
-    def empty_step(self) -> None:  # never: shuffled/balanced batches are never empty
-        raise AssertionError("non-DP batch sources do not yield empty batches")
 
     def close(self) -> None:
         pass
@@ -595,6 +610,16 @@ class DPStepper:
         batch = next(self._batches)
         return None if self.session.is_empty(batch) else tuple(batch)
 
+    def train_step(self, module: torch.nn.Module, step: int, gen: torch.Generator, stage: str
+                   ) -> tuple[float | None, int]:
+        """One DP-SGD step; returns (the batch's mean loss, its size), or (None, 0) for an
+        empty Poisson batch (a noise-only step: the accountant counts it all the same)."""
+        batch = self.next_batch(step)
+        if batch is None:
+            self.session.noise_only_step()
+            return None, 0
+        return self.train_batch(module, batch, gen, step, stage), len(batch[0])
+
     def train_batch(self, module: torch.nn.Module, batch: tuple, gen: torch.Generator, step: int,
                     stage: str) -> float:
         """One DP-SGD step on a Poisson batch, in parts of at most ``max_physical_batch``
@@ -605,9 +630,7 @@ class DPStepper:
         total = 0.0
         for i in range(0, n, size):
             part = tuple(t[i:i + size] for t in batch)
-            loss = self.objective.loss(module, part, gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
+            loss = _finite(self.objective.loss(module, part, gen), stage, step)
             loss.backward()
             if i + size < n:
                 self.session.accumulate()
@@ -615,9 +638,6 @@ class DPStepper:
                 self.session.step()
             total += float(loss.detach()) * len(part[0])
         return total / n
-
-    def empty_step(self) -> None:
-        self.session.noise_only_step()
 
     def close(self) -> None:
         self.session.close()
@@ -656,8 +676,9 @@ def _check_train_args(steps: int, dataset: Dataset, config: TrainConfig, privacy
 
 def _make_stepper(objective: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
                   *, gen: torch.Generator, seed: int, start: int, steps: int, config: TrainConfig,
-                  privacy: PrivacyConfig | None, anchor: PromptAnchorHook | None, ledger_path: Path | None,
-                  site_id: str, run_id: str, round: int, stage: Stage) -> PlainStepper | DPStepper:
+                  privacy: PrivacyConfig | None, anchor: PromptAnchorHook | None, proximal: ProximalHook | None,
+                  ledger_path: Path | None, site_id: str, run_id: str, round: int, stage: Stage
+                  ) -> PlainStepper | DPStepper:
     """The batch source and update rule: DP-SGD's Poisson batches through the site's ledger
     (``privacy`` given; an anchor adds its public gradient after the noise, so no ε), or
     label-balanced shuffled batches."""
@@ -668,7 +689,7 @@ def _make_stepper(objective: Any, module: torch.nn.Module, optimizer: torch.opti
         if anchor is not None:
             stepper.session.after_noise = functools.partial(anchor.add_public_grads, module, config, gen)
         return stepper
-    return PlainStepper(objective, optimizer, params, config, seed)
+    return PlainStepper(objective, optimizer, params, config, seed, proximal=proximal, anchor=anchor)
 
 
 def _lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int, start: int,
@@ -767,8 +788,8 @@ def train_local(
     )) if h is not None]
 
     stepper = _make_stepper(objective, module, optimizer, params, gen=gen, seed=seed, start=start, steps=steps,
-                            config=config, privacy=privacy if dp else None, anchor=anchor, ledger_path=ledger_path,
-                            site_id=site_id, run_id=run_id, round=round, stage=stage)
+                            config=config, privacy=privacy if dp else None, anchor=anchor, proximal=proximal,
+                            ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
     lr_sched = _lr_scheduler(optimizer, config, steps, start, schedule)
 
     losses: list[float] = []
@@ -777,20 +798,10 @@ def train_local(
     bar = _progress(steps, start, stage, progress)
     try:
         for step in range(start, steps):
-            batch = stepper.next_batch(step)
-            if batch is None:
-                stepper.empty_step()
-            elif isinstance(stepper, DPStepper):
-                losses.append(stepper.train_batch(module, batch, gen, step, stage))
-                seen += len(batch[0])
-            else:
-                loss = objective.loss(module, batch, gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"stage {stage}: loss became {loss.item()} at step {step}")
-                total = proximal.on_loss(loss) if proximal is not None else loss
-                stepper.apply(anchor.on_loss(total, module, batch, gen) if anchor is not None else total)
-                losses.append(float(loss.detach()))
-                seen += len(batch[0])
+            loss, n = stepper.train_step(module, step, gen, stage)
+            if loss is not None:
+                losses.append(loss)
+                seen += n
             lr_sched.step()
             for h in hooks:
                 h.after_step(step + 1)
@@ -808,20 +819,28 @@ def train_local(
     if ema is not None:
         ema.finish()
     module.eval()
-    tail = losses[-max(1, len(losses) // 5):] if losses else []
-    metrics: dict[str, float] = {
-        "loss": float(sum(tail) / len(tail)) if tail else float("nan"),
-        "loss-first": losses[0] if losses else float("nan"),
-        "num-examples": float(len(dataset)),
-        "steps": float(steps - start),
-        "seconds": seconds,
-        "images-per-s": seen / seconds if seconds > 0 else 0.0,
-        "anchor-prompts": float(len(anchor.prompts)) if anchor is not None else 0.0,
-        **stepper.extra,
-    }
+    metrics = _train_metrics(losses, n_records=len(dataset), steps=steps - start, seconds=seconds, seen=seen,
+                             anchor=anchor, extra=stepper.extra)
     if stage == "vae":
         metrics["latent-std"] = latent_std(c, dataset, device=device)
     return TrainResult(state=trainable_state(c, stage), metrics=metrics)
+
+
+def _train_metrics(losses: list[float], *, n_records: int, steps: int, seconds: float, seen: int,
+                   anchor: PromptAnchorHook | None, extra: Mapping[str, float]) -> dict[str, float]:
+    """What a round reports: the mean loss of the last fifth of the steps, the first loss,
+    the records held (FedAvg's num-examples), speed, and the stepper's extras (DP: ε)."""
+    tail = losses[-max(1, len(losses) // 5):] if losses else []
+    return {
+        "loss": float(sum(tail) / len(tail)) if tail else float("nan"),
+        "loss-first": losses[0] if losses else float("nan"),
+        "num-examples": float(n_records),
+        "steps": float(steps),
+        "seconds": seconds,
+        "images-per-s": seen / seconds if seconds > 0 else 0.0,
+        "anchor-prompts": float(len(anchor.prompts)) if anchor is not None else 0.0,
+        **extra,
+    }
 
 
 def _record_non_private(privacy, state_dir: Path, site_id, stage, run_id, round, steps, n_records) -> None:
