@@ -13,8 +13,11 @@ ultrasound, fundus and dermoscopy, off for chest X-ray):
 - ``d`` federated generalist with DP-SGD at every site (every stage trained), σ per site computed
   with ``medisyn.privacy.accounting`` so that the site's steps of the whole run spend
   ε ≤ 8 at δ = 1e-5 (RDP accountant; the site's ledger caps it at 8 too);
-- ``e`` as ``b`` with FedAvgM at server learning rate 4, no momentum (a lever: FedAvg
-  passes each site's type-specific progress on at its weight, ~1/4).
+- ``e`` as ``b`` with another server optimizer (the levers): FedAvgM (``--server-lr``,
+  default 4, ``--server-momentum``; FedAvg passes each site's type-specific progress on at
+  its weight, ~1/4), FedAdam (``--server-eta``, ``--server-tau``), either with
+  ``--weighting equal``, or cyclic rounds (``--server-opt cyclic``: the sites train one
+  after another, each from the previous site's model).
 
 The budget: ``--budget-steps`` UNet optimizer steps of batch ``--batch`` for the central
 arm; the federated arms split it evenly over 4 sites × ``--rounds`` rounds (total steps
