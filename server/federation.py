@@ -367,6 +367,36 @@ class RoundResult:
     aggregate_problem: str | None = None  # why the aggregate was refused (model unchanged)
 
 
+def _packed_record(msg: Message) -> ArrayRecord:
+    """A checked reply's one ArrayRecord (the packed weights)."""
+    return next(iter(msg.content.array_records.values()))
+
+
+def _read_reply(msg: Message, site: str, enrolled: dict[int, str], layout: Any) -> tuple[str, Candidate | str]:
+    """``(site, the reply as a Candidate)`` for :func:`check_replies`, or ``(key, why it
+    is rejected before the checks)``: a node answering as another site than the one it was
+    enrolled as (under SuperNode auth; key ``node-<id>`` if not enrolled), a reply of the
+    wrong shape, or weights that do not unpack to the stage's layout."""
+    node = msg.metadata.src_node_id
+    if enrolled and enrolled.get(node) != site:
+        # bound to the authenticated node: a node answers only as the site it was enrolled as
+        return enrolled.get(node, f"node-{node}"), (
+            f"rejected: reply claims site {site!r} but node {node} is "
+            + (f"enrolled as {enrolled[node]!r}" if node in enrolled else "not enrolled"))
+    recs = list(msg.content.array_records.values())
+    metrics = _metrics_of(msg)
+    if len(recs) != 1 or set(recs[0].keys()) != {PACKED} or P.NUM_EXAMPLES not in metrics:
+        return site, f"rejected: reply needs one ArrayRecord {{{PACKED!r}}} and num-examples"
+    try:
+        flat = recs[0][PACKED].numpy()
+        if not np.issubdtype(flat.dtype, np.floating):
+            raise ValueError(f"packed weights have dtype {flat.dtype}, expected a floating type")
+        site_arrays = unpack(flat, layout)
+    except Exception as e:  # a malformed array is a bad reply, not a crash
+        return site, f"rejected: unreadable weights: {e}"
+    return site, Candidate(site=site, arrays=site_arrays, metrics=metrics, token=_token_of(msg))
+
+
 def train_round(
     grid: Grid,
     strategy: Any,
@@ -430,36 +460,15 @@ def train_round(
                 result.budget_failures += 1
             logger.warning("site %s failed round %d: %s", site, global_round, reason)
             continue
-        node = msg.metadata.src_node_id
-        if enrolled and enrolled.get(node) != site:
-            # bound to the authenticated node: a node answers only as the site it was enrolled as
-            key = enrolled.get(node, f"node-{node}")
-            result.failed[key] = (f"rejected: reply claims site {site!r} but node {node} is "
-                                  + (f"enrolled as {enrolled[node]!r}" if node in enrolled else "not enrolled"))
-            logger.warning("rejected reply from node %s: %s", node, result.failed[key])
+        key, read = _read_reply(msg, site, enrolled, layout)
+        if isinstance(read, str):
+            result.failed[key] = read
+            logger.warning("rejected reply from %s: %s", key, read)
             continue
-        recs = list(msg.content.array_records.values())
-        metrics = _metrics_of(msg)
-        if len(recs) != 1 or set(recs[0].keys()) != {PACKED} or P.NUM_EXAMPLES not in metrics:
-            result.failed[site] = f"rejected: reply needs one ArrayRecord {{{PACKED!r}}} and num-examples"
-            logger.warning("rejected reply from site %s: %s", site, result.failed[site])
-            continue
-        try:
-            flat = recs[0][PACKED].numpy()
-            if not np.issubdtype(flat.dtype, np.floating):
-                raise ValueError(f"packed weights have dtype {flat.dtype}, expected a floating type")
-            site_arrays = unpack(flat, layout)
-        except Exception as e:  # a malformed array is a bad reply, not a crash
-            result.failed[site] = f"rejected: unreadable weights: {e}"
-            logger.warning("rejected reply from site %s: %s", site, result.failed[site])
-            continue
-        candidates.append(Candidate(site=site, arrays=site_arrays, metrics=metrics, token=_token_of(msg)))
+        candidates.append(read)
         by_site[site] = msg
-        result.accepted[site] = {
-            **metrics,
-            "bytes-up": record_bytes(recs[0]),
-            "bytes-down": down,
-        }
+        result.accepted[site] = {**read.metrics, "bytes-up": record_bytes(_packed_record(msg)),
+                                 "bytes-down": down}
 
     verdict = check_replies(
         candidates,
@@ -487,7 +496,7 @@ def train_round(
     # full per-site metrics are reported separately.
     result.new_state, result.loss, result.aggregate_problem = aggregate_checked(
         strategy, stage_round,
-        [(by_site[c.site], next(iter(by_site[c.site].content.array_records.values())),
+        [(by_site[c.site], _packed_record(by_site[c.site]),
           weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
         layout,
     )
