@@ -247,7 +247,15 @@ def _token_of(msg: Message) -> str | None:
     return tok if isinstance(tok, str) else None
 
 
-POLL_SECONDS = 1.0
+POLL_SECONDS = 1.0  # the longest wait between two pulls
+FIRST_POLL_SECONDS = 0.1  # the first; each next wait is 1.5x longer, up to POLL_SECONDS
+
+
+def _flower_grid(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's real grid (the ServerAppIo connection to a SuperLink)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return isinstance(grid._grid if isinstance(grid, _OneSite) else grid, HttpGrid)
 
 
 def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
@@ -258,18 +266,26 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
     CPU-bound site tasks on fewer cores take about as long one per core at a time, and
     hold N tasks' memory at once. A message goes out when an earlier one is answered;
     each has ``timeout`` seconds from its own push (no answer by then: no reply, as
-    with Flower's own). None, or a limit of at least ``len(messages)``: all at once."""
-    if max_parallel is None or max_parallel >= len(messages):
+    with Flower's own). None, or a limit of at least ``len(messages)``: all at once.
+
+    On Flower's real grid the replies are pulled here, first after 0.1 s and then ever
+    less often, up to every ``POLL_SECONDS``: Flower's own ``send_and_receive`` pulls
+    every 3 s, which a round of short site tasks (a cyclic round asks one site at a time)
+    pays on every message. Another grid (a test's) answers its own ``send_and_receive``."""
+    if (max_parallel is None or max_parallel >= len(messages)) and not _flower_grid(grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    limit = len(messages) if max_parallel is None else max(1, max_parallel)
     waiting = list(messages)
     out: dict[str, float] = {}  # message id -> push time
     replies: list[Message] = []
+    wait = FIRST_POLL_SECONDS
     while waiting or out:
-        while waiting and len(out) < max_parallel:
+        while waiting and len(out) < limit:
             msg = waiting.pop(0)
             ids = list(grid.push_messages([msg]))
             if ids:  # refused by the SuperLink (too large): no reply, as send_and_receive
                 out[ids[0]] = time.time()
+                wait = FIRST_POLL_SECONDS
         if not out:
             continue
         for reply in grid.pull_messages(list(out)):
@@ -279,8 +295,9 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
         for mid in [m for m, t in out.items() if now - t > timeout]:
             logger.warning("no answer to message %s within %.0f s", mid[:12], timeout)
             out.pop(mid)
-        if out and (not waiting or len(out) >= max_parallel):
-            time.sleep(POLL_SECONDS)
+        if out and (not waiting or len(out) >= limit):
+            time.sleep(wait)
+            wait = min(POLL_SECONDS, wait * 1.5)
     return replies
 
 
@@ -365,6 +382,43 @@ class RoundResult:
     send_receive_seconds: float = 0.0
     capped: dict[str, tuple[float, int]] = field(default_factory=dict)  # site -> (claimed, cap)
     aggregate_problem: str | None = None  # why the aggregate was refused (model unchanged)
+    states: list[dict[str, np.ndarray]] = field(default_factory=list)  # each model the round made, in order
+
+
+class ServerEMA:
+    """``[strategy] ema_decay``: the coordinator's moving average of a stage's global
+    model, updated with every model the stage makes (:attr:`RoundResult.states`), with
+    diffusers' warm-up (``1 - (1 + k)^(-2/3)``, capped at ``decay``). Kept in every
+    checkpoint (``server_ema`` in the strategy state) so a resumed run averages on."""
+
+    def __init__(self, decay: float, stage: Stage):
+        self.decay, self.stage = decay, stage
+        self.updates = 0
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def update(self, state: dict[str, np.ndarray]) -> None:
+        d = min(self.decay, 1.0 - (1.0 + self.updates) ** (-2.0 / 3.0))
+        if self.arrays is None:
+            self.arrays = {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                a = self.arrays[k]
+                a *= d
+                a += (1.0 - d) * np.asarray(v, dtype=np.float32)
+        self.updates += 1
+
+    def export(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        if self.arrays is None:
+            return {}, {}
+        return ({"server_ema": {"stage": self.stage, "updates": self.updates, "keys": sorted(self.arrays)}},
+                {f"server_ema/{k}": v for k, v in self.arrays.items()})
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        info = meta.get("server_ema")
+        if not info or info.get("stage") != self.stage:
+            return
+        self.updates = int(info["updates"])
+        self.arrays = {k: np.array(arrays[f"server_ema/{k}"], dtype=np.float32, copy=True) for k in info["keys"]}
 
 
 def _packed_record(msg: Message) -> ArrayRecord:
@@ -500,6 +554,8 @@ def train_round(
           weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
         layout,
     )
+    if result.new_state is not None:
+        result.states.append(result.new_state)
     return result
 
 
@@ -540,6 +596,7 @@ def cyclic_round(grid: Grid, strategy: Any, cfg: FederationConfig, *, current: d
         out.aggregate_problem = res.aggregate_problem or out.aggregate_problem
         if res.loss is not None:
             losses.append(res.loss)
+        out.states.extend(res.states)
         if res.new_state is not None:
             current = out.new_state = res.new_state
     out.loss = float(np.mean(losses)) if losses else None
@@ -577,7 +634,7 @@ def evaluate_round(
     per_site: dict[str, float] = {}
     failed: dict[str, str] = {}
     total, weight = 0.0, 0.0
-    for msg in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+    for msg in send_and_receive(grid, messages, timeout=cfg.round_timeout):
         site = reply_site(msg, node_sites)
         if msg.has_error():
             failed[site] = reply_error(msg)[1]
@@ -644,12 +701,16 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     anchor: str | None = None  # ANCHOR_PROMPTS ("": none), from the prompts query at the first UNet round
     strategy: Any = None
     strategy_stage: Stage | None = None
+    ema: ServerEMA | None = None
     for global_round, stage, stage_round in plan[start - 1 :]:
         if strategy_stage != stage:
             strategy = make_strategy(cfg.strategy)
             strategy_stage = stage
+            ema = ServerEMA(cfg.strategy.ema_decay, stage) if cfg.strategy.ema_decay > 0 else None
             if ckpt is not None and ckpt.stage == stage and ckpt.round == global_round - 1:
                 restore_state(strategy, ckpt.strategy, ckpt.strategy_arrays)
+                if ema is not None:
+                    ema.restore(ckpt.strategy, ckpt.strategy_arrays)
         have = wait_for_sites(grid, cfg.min_sites, cfg.site_wait_timeout)
         if have < cfg.min_sites:
             msg = f"only {have} of min_sites={cfg.min_sites} sites connected within {cfg.site_wait_timeout:g} s"
@@ -678,6 +739,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             current = res.new_state
             if stage == "vae":
                 model.update_latent_scale(res.accepted)
+        if ema is not None:
+            for state in res.states:
+                ema.update(state)
         eval_loss, eval_sites, eval_failed = (None, {}, {})
         if res.accepted and _should_evaluate(cfg, stage, stage_round):
             eval_loss, eval_sites, eval_failed = evaluate_round(grid, strategy, cfg, current=current, **kw)
@@ -687,6 +751,14 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
         )
         history.append(record)
         meta, arrays = export_state(strategy)
+        if ema is not None and ema.arrays is not None:
+            if stage_round == cfg.rounds_for(stage):  # the stage ends: its model is the average
+                model.load(stage, ema.arrays)
+                logger.info("%s stage: the model is the average of its %d updates (ema_decay %g)",
+                            stage, ema.updates, ema.decay)
+            else:
+                ema_meta, ema_arrays = ema.export()
+                meta, arrays = {**meta, **ema_meta}, {**arrays, **ema_arrays}
         t_ckpt = time.time()
         write_checkpoint(
             run_dir,
