@@ -157,8 +157,8 @@ class TrainConfig(_Frozen):
     weight_decay: float = Field(default=1e-2, ge=0)
     caption_dropout: float = Field(default=0.1, ge=0, le=1)
     # EMA of the trained weights (diffusers' EMAModel with warm-up, so short federated
-    # rounds average over their own last steps); None turns it off.
-    ema_decay: float | None = Field(default=0.999, gt=0, lt=1)
+    # rounds average over their own last steps); 0 (in TOML) or None turns it off.
+    ema_decay: float | None = Field(default=0.999, ge=0, lt=1)
     # Min-SNR-gamma loss weighting (Hang et al. 2023) for the UNet; None: plain MSE.
     snr_gamma: float | None = Field(default=5.0, gt=0)
     # Batches drawn with P(prompt) proportional to count**balance_power: 1 = natural

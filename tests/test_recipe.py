@@ -80,12 +80,13 @@ def test_ema_weights_are_returned_and_differ_from_raw(tiny_cfg):
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     data = _Data(x, ["p"] * 8, [True] * 8)
     runs = {}
-    for decay in (None, 0.99):
+    for decay in (None, 0.0, 0.99):  # 0 (what TOML can say) is off, as None is
         c = build_components(tiny_cfg, seed=0)
         cfg = TrainConfig(batch_size=4, ema_decay=decay, lr=1e-2)
         runs[decay] = train_local(c, data, steps=6, config=cfg, stage="unet", progress=False).state
     k = next(iter(runs[None]))
     assert not torch.allclose(runs[None][k], runs[0.99][k])
+    assert all(torch.equal(runs[None][n], runs[0.0][n]) for n in runs[None])
 
 
 def test_grey_types_generate_channel_equal_images(tiny_cfg, tmp_path: Path):
