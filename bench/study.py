@@ -17,8 +17,7 @@ ultrasound, fundus and dermoscopy, off for chest X-ray):
   default 4, ``--server-momentum``; FedAvg passes each site's type-specific progress on at
   its weight, ~1/4), FedAdam (``--server-eta``, ``--server-tau``), either with
   ``--weighting equal``, or cyclic rounds (``--server-opt cyclic``: the sites train one
-  after another, each from the previous site's model); any of them with the coordinator's
-  moving average of the global model as the released model (``--server-ema``).
+  after another, each from the previous site's model).
 
 The budget: ``--budget-steps`` UNet optimizer steps of batch ``--batch`` for the central
 arm; the federated arms split it evenly over 4 sites × ``--rounds`` rounds (total steps
@@ -410,25 +409,20 @@ def train_arm(arm: str, out: Path, texts: dict[str, str], dcfgs: dict[str, Datas
 def arm_e_strategy(args: argparse.Namespace) -> Any:
     from medisyn.server.config import StrategyConfig
 
-    ema = {"ema_decay": args.server_ema}
     if args.server_opt == "fedadam":
-        return StrategyConfig(name="fedadam", eta=args.server_eta, tau=args.server_tau, weighting=args.weighting,
-                              **ema)
+        return StrategyConfig(name="fedadam", eta=args.server_eta, tau=args.server_tau, weighting=args.weighting)
     if args.server_opt == "cyclic":
-        return StrategyConfig(name="cyclic", **ema)
+        return StrategyConfig(name="cyclic")
     return StrategyConfig(name="fedavgm", server_lr=args.server_lr, server_momentum=args.server_momentum,
-                          weighting=args.weighting, **ema)
+                          weighting=args.weighting)
 
 
 def arm_e_where(args: argparse.Namespace) -> str:
-    ema = (f"; the model: the coordinator's average of the global model (ema_decay {args.server_ema:g})"
-           if args.server_ema else "")
     if args.server_opt == "cyclic":
-        return ("cyclic: each round the sites train one after another, each from the previous site's model "
-                f"(order rotating){ema}")
+        return "cyclic: each round the sites train one after another, each from the previous site's model (order rotating)"
     opt = (f"FedAdam with eta {args.server_eta:g}, tau {args.server_tau:g}" if args.server_opt == "fedadam"
            else f"FedAvgM with server lr {args.server_lr:g}, momentum {args.server_momentum:g}")
-    return f"{opt}, sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}{ema}"
+    return f"{opt}, sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}"
 
 
 def model_dirs(arm: str, out: Path) -> dict[str, Path]:
@@ -660,9 +654,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--server-eta", type=float, default=1e-2, help="arm e's FedAdam server learning rate")
     ap.add_argument("--server-tau", type=float, default=1e-3, help="arm e's FedAdam adaptivity floor tau")
     ap.add_argument("--server-momentum", type=float, default=0.0, help="arm e's FedAvgM server momentum")
-    ap.add_argument("--server-ema", type=float, default=0.0,
-                    help="arm e's [strategy] ema_decay: the model is the coordinator's moving average "
-                         "of the global model (0: off)")
     ap.add_argument("--weighting", choices=("examples", "equal"), default="examples",
                     help="arm e's site weights: by num-examples (FedAvg's) or equal")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (federated: split over the 4 sites)")

@@ -72,13 +72,6 @@ class StrategyConfig(_Frozen):
     # one image type per site, each site's type-specific progress reaches the average
     # diluted by its weight (~1/4 with 4 sites); server_lr > 1 restores it (docs/quality.md).
     server_lr: float = Field(default=1.0, gt=0, le=10)
-    # The coordinator's moving average of the global model over a stage's updates (each
-    # round's aggregate; in a cyclic round, each site's model in turn), with warm-up:
-    # the k-th update is weighted 1 - d_k, d_k = min(ema_decay, 1 - (1 + k)^(-2/3)), so the
-    # average spans about the last k^(2/3) updates. The stage ends with this average as
-    # its model (sites keep training the plain one meanwhile). 0: off. In a cyclic run the
-    # last site to train no longer sets the whole model (docs/federation.md).
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     server_momentum: float = Field(default=0.0, ge=0, lt=1)
     proximal_mu: float = Field(default=0.01, ge=0)
     eta: float = Field(default=1e-2, gt=0)  # FedAdam server learning rate

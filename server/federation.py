@@ -382,43 +382,6 @@ class RoundResult:
     send_receive_seconds: float = 0.0
     capped: dict[str, tuple[float, int]] = field(default_factory=dict)  # site -> (claimed, cap)
     aggregate_problem: str | None = None  # why the aggregate was refused (model unchanged)
-    states: list[dict[str, np.ndarray]] = field(default_factory=list)  # each model the round made, in order
-
-
-class ServerEMA:
-    """``[strategy] ema_decay``: the coordinator's moving average of a stage's global
-    model, updated with every model the stage makes (:attr:`RoundResult.states`), with
-    diffusers' warm-up (``1 - (1 + k)^(-2/3)``, capped at ``decay``). Kept in every
-    checkpoint (``server_ema`` in the strategy state) so a resumed run averages on."""
-
-    def __init__(self, decay: float, stage: Stage):
-        self.decay, self.stage = decay, stage
-        self.updates = 0
-        self.arrays: dict[str, np.ndarray] | None = None
-
-    def update(self, state: dict[str, np.ndarray]) -> None:
-        d = min(self.decay, 1.0 - (1.0 + self.updates) ** (-2.0 / 3.0))
-        if self.arrays is None:
-            self.arrays = {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
-        else:
-            for k, v in state.items():
-                a = self.arrays[k]
-                a *= d
-                a += (1.0 - d) * np.asarray(v, dtype=np.float32)
-        self.updates += 1
-
-    def export(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        if self.arrays is None:
-            return {}, {}
-        return ({"server_ema": {"stage": self.stage, "updates": self.updates, "keys": sorted(self.arrays)}},
-                {f"server_ema/{k}": v for k, v in self.arrays.items()})
-
-    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        info = meta.get("server_ema")
-        if not info or info.get("stage") != self.stage:
-            return
-        self.updates = int(info["updates"])
-        self.arrays = {k: np.array(arrays[f"server_ema/{k}"], dtype=np.float32, copy=True) for k in info["keys"]}
 
 
 def _packed_record(msg: Message) -> ArrayRecord:
@@ -554,8 +517,6 @@ def train_round(
           weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
         layout,
     )
-    if result.new_state is not None:
-        result.states.append(result.new_state)
     return result
 
 
@@ -596,7 +557,6 @@ def cyclic_round(grid: Grid, strategy: Any, cfg: FederationConfig, *, current: d
         out.aggregate_problem = res.aggregate_problem or out.aggregate_problem
         if res.loss is not None:
             losses.append(res.loss)
-        out.states.extend(res.states)
         if res.new_state is not None:
             current = out.new_state = res.new_state
     out.loss = float(np.mean(losses)) if losses else None
@@ -701,16 +661,12 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     anchor: str | None = None  # ANCHOR_PROMPTS ("": none), from the prompts query at the first UNet round
     strategy: Any = None
     strategy_stage: Stage | None = None
-    ema: ServerEMA | None = None
     for global_round, stage, stage_round in plan[start - 1 :]:
         if strategy_stage != stage:
             strategy = make_strategy(cfg.strategy)
             strategy_stage = stage
-            ema = ServerEMA(cfg.strategy.ema_decay, stage) if cfg.strategy.ema_decay > 0 else None
             if ckpt is not None and ckpt.stage == stage and ckpt.round == global_round - 1:
                 restore_state(strategy, ckpt.strategy, ckpt.strategy_arrays)
-                if ema is not None:
-                    ema.restore(ckpt.strategy, ckpt.strategy_arrays)
         have = wait_for_sites(grid, cfg.min_sites, cfg.site_wait_timeout)
         if have < cfg.min_sites:
             msg = f"only {have} of min_sites={cfg.min_sites} sites connected within {cfg.site_wait_timeout:g} s"
@@ -739,9 +695,6 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             current = res.new_state
             if stage == "vae":
                 model.update_latent_scale(res.accepted)
-        if ema is not None:
-            for state in res.states:
-                ema.update(state)
         eval_loss, eval_sites, eval_failed = (None, {}, {})
         if res.accepted and _should_evaluate(cfg, stage, stage_round):
             eval_loss, eval_sites, eval_failed = evaluate_round(grid, strategy, cfg, current=current, **kw)
@@ -751,14 +704,6 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
         )
         history.append(record)
         meta, arrays = export_state(strategy)
-        if ema is not None and ema.arrays is not None:
-            if stage_round == cfg.rounds_for(stage):  # the stage ends: its model is the average
-                model.load(stage, ema.arrays)
-                logger.info("%s stage: the model is the average of its %d updates (ema_decay %g)",
-                            stage, ema.updates, ema.decay)
-            else:
-                ema_meta, ema_arrays = ema.export()
-                meta, arrays = {**meta, **ema_meta}, {**arrays, **ema_arrays}
         t_ckpt = time.time()
         write_checkpoint(
             run_dir,

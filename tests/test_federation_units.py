@@ -964,49 +964,37 @@ def test_cyclic_rounds_chain_the_sites_in_a_rotating_order(tmp_path, client_app)
     assert all(rec["sites"][s]["status"] == "ok" for s in rec["sites"])
 
 
-def _ema_of(replies: list[np.ndarray], decay: float) -> np.ndarray:
-    """The coordinator's average (``[strategy] ema_decay``), computed here independently."""
-    avg = replies[0].astype(np.float64)
-    for k, r in enumerate(replies[1:], start=1):
-        d = min(decay, 1.0 - (1.0 + k) ** (-2.0 / 3.0))
-        avg = d * avg + (1.0 - d) * r
-    return avg
+def test_replies_from_flowers_grid_are_pulled_soon_then_less_often(monkeypatch):
+    """On Flower's real grid (whose own send_and_receive pulls every 3 s) the round pulls
+    the replies itself: first after 0.1 s, each wait 1.5x the last, never above
+    POLL_SECONDS; every message pushed at once when there is no limit."""
+    monkeypatch.setattr(fed, "_flower_grid", lambda grid: True)
+    sleeps: list[float] = []
+    monkeypatch.setattr(fed.time, "sleep", sleeps.append)
 
+    class Slow(LocalGrid):
+        def __init__(self, answer_at: int):
+            super().__init__({}, None)
+            self.answer_at, self.pulls, self.out = answer_at, 0, {}
 
-def test_server_ema_releases_the_average_of_the_chain_and_survives_a_resume(tmp_path, client_app):
-    """``[strategy] ema_decay``: the stage's model is the coordinator's moving average of
-    every model the stage made (in a cyclic round: each site's reply in turn), with the
-    warm-up; a run that crashes after round 1 and resumes averages on from the
-    checkpoint, and ends with the same average of the same replies."""
-    from safetensors.numpy import load_file
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+            raise AssertionError("Flower's own send_and_receive polls every 3 s")
 
-    from medisyn.models import build_components, trainable_state
+        def push_messages(self, messages):  # noqa: ANN001, ANN201
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = f"m{m.metadata.dst_node_id}"
+                self.out[m.metadata.message_id] = m
+            return [m.metadata.message_id for m in messages]
 
-    sent: list[np.ndarray] = []
+        def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+            self.pulls += 1
+            if self.pulls < self.answer_at:
+                return []
+            return [Message(RecordDict({"site": ConfigRecord({"site-id": f"s{self.out[i].metadata.dst_node_id}"})}),
+                            reply_to=self.out.pop(i)) for i in message_ids]
 
-    def keep(_site, reply: Message) -> Message:
-        sent.append(np.asarray(reply.content["arrays"][P.PACKED].numpy()).copy())
-        return reply
-
-    nodes = node_configs(tmp_path)
-    cfg = fed_cfg(tmp_path, stages=["vae"], rounds=2, strategy={"name": "cyclic", "ema_decay": 0.6})
-    grid = LocalGrid(nodes, client_app, tamper={n: keep for n in nodes})
-    grid.crash_after_sends = 3  # round 1 (three sites in turn) completes, round 2 crashes
-    with pytest.raises(KeyboardInterrupt):
-        fed.run_federation(grid, cfg)
-    assert len(sent) == 3
-    names = list(trainable_state(build_components(TINY_MODEL), "vae"))
-    ckpt = latest_checkpoint(cfg.run_dir)
-    assert ckpt.strategy["server_ema"]["updates"] == 3
-    mid = P.pack({k: ckpt.strategy_arrays[f"server_ema/{k}"] for k in names})
-    np.testing.assert_allclose(mid, _ema_of(sent, 0.6), rtol=1e-5, atol=1e-6)
-    saved = load_file(str(ckpt.model_dir / "vae" / "diffusion_pytorch_model.safetensors"))
-    np.testing.assert_array_equal(P.pack({k: saved[k] for k in names}), sent[-1])  # sites go on from the chain
-
-    grid2 = LocalGrid(nodes, client_app, tamper={n: keep for n in nodes})
-    assert fed.run_federation(grid2, cfg, resume=True) == fed.Outcome.DONE
-    assert len(sent) == 6
-    final = load_file(str(Path(cfg.run_dir) / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
-    packed = P.pack({k: final[k] for k in names})
-    np.testing.assert_allclose(packed, _ema_of(sent, 0.6), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(packed, sent[-1])  # not the last site's model
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_MESSAGE) for n in (1, 2)]
+    grid = Slow(answer_at=9)
+    replies = fed.send_and_receive(grid, msgs, timeout=60.0)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m1", "m2"]
+    assert sleeps == pytest.approx([0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375, 1.0, 1.0])
