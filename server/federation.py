@@ -633,27 +633,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     plan = cfg.round_plan()
-    history: list[dict[str, Any]] = []
-    start = 1
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        if ckpt.config.get("model") != json.loads(cfg.model.model_dump_json()):
-            raise ValueError(
-                "cannot resume: the checkpoint's [model] differs from the config's "
-                f"({ckpt.path}); start a new run_dir"
-            )
-        if ckpt.config_hash != cfg.hash():
-            logger.warning("resuming with a changed config (hash %s -> %s)", ckpt.config_hash[:12], cfg.hash()[:12])
-        model = GlobalModel(cfg.model, from_dir=ckpt.model_dir)
-        start = ckpt.round + 1
-        history = list(ckpt.metrics)
-        # metrics.jsonl is appended after the checkpoint: make it match the checkpoint
-        atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
-        logger.info("resuming after round %d from %s", ckpt.round, ckpt.path)
-    else:
-        if resume:
-            logger.warning("--resume: no checkpoint in %s; starting at round 1", run_dir)
-        model = GlobalModel(cfg.model, seed=cfg.seed)
+    if resume and ckpt is None:
+        logger.warning("--resume: no checkpoint in %s; starting at round 1", run_dir)
+    model, history = _starting_point(cfg, ckpt, metrics_path)
+    start = ckpt.round + 1 if ckpt is not None else 1
     status(run_dir, Outcome.RUNNING, round=start - 1, total_rounds=cfg.total_rounds)
 
     node_sites: dict[int, str] = {}
@@ -724,18 +708,44 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             status(run_dir, Outcome.BUDGET, round=global_round, message=msg)
             return Outcome.BUDGET
 
-    final = run_dir / "model"
-    tmp = run_dir / ".model.tmp"
+    final = _publish(model, run_dir)
+    status(run_dir, Outcome.DONE, round=cfg.total_rounds, total_rounds=cfg.total_rounds, model=str(final))
+    return Outcome.DONE
+
+
+def _starting_point(cfg: FederationConfig, ckpt: Checkpoint | None, metrics_path: Path
+                    ) -> tuple[GlobalModel, list[dict[str, Any]]]:
+    """The model and the metrics history a run starts from: fresh, or the checkpoint's
+    (refused if its ``[model]`` differs from the config's; ``metrics.jsonl``, appended
+    after each checkpoint, is cut back to match it)."""
+    if ckpt is None:
+        return GlobalModel(cfg.model, seed=cfg.seed), []
+    if ckpt.config.get("model") != json.loads(cfg.model.model_dump_json()):
+        raise ValueError(
+            "cannot resume: the checkpoint's [model] differs from the config's "
+            f"({ckpt.path}); start a new run_dir"
+        )
+    if ckpt.config_hash != cfg.hash():
+        logger.warning("resuming with a changed config (hash %s -> %s)", ckpt.config_hash[:12], cfg.hash()[:12])
+    history = list(ckpt.metrics)
+    atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+    logger.info("resuming after round %d from %s", ckpt.round, ckpt.path)
+    return GlobalModel(cfg.model, from_dir=ckpt.model_dir), history
+
+
+def _publish(model: GlobalModel, run_dir: Path) -> Path:
+    """Write the final model to ``run_dir/model`` atomically (a temporary folder, synced,
+    renamed over the old one)."""
     import shutil
 
+    final, tmp = run_dir / "model", run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_dir(run_dir)
-    status(run_dir, Outcome.DONE, round=cfg.total_rounds, total_rounds=cfg.total_rounds, model=str(final))
-    return Outcome.DONE
+    return final
 
 
 def round_record(
