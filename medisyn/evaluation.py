@@ -706,8 +706,31 @@ def _evaluate_types_body(components: Any, types: dict[str, TypeData], s: Evaluat
             entries[t]["skipped"]["all"] = why
         else:
             todo.append(t)
-    prompts = [p for t in todo for p in types[t].prompts]
-    items = _generate(components, prompts, s, clock, progress)
+    syn = _synthetic_sets(components, types, todo, entries, s, clock, progress, gallery)
+    if s.classifier_threads:
+        torch.set_num_threads(s.classifier_threads)
+    # the encoder (and, with several types, the image-type classifier)
+    enc, encoder_name = None, None
+    if joint and sum(len(types[t].labels) for t in types) >= 2:
+        enc = _type_recognition(types, todo, syn, entries, s, clock, progress)
+        encoder_name = "type-label"
+    elif joint:
+        for t in todo:
+            entries[t]["skipped"]["type_recognised"] = "needs at least 2 image types (one given)"
+    for t in todo:
+        _label_and_fidelity(t, types[t], syn[t], entries[t], enc, encoder_name, s, clock, progress)
+    if encoder_name is None:
+        names = {e.get("encoder") for e in entries.values() if e.get("encoder")}
+        encoder_name = names.pop() if len(names) == 1 else None
+    return {t: _round(e) for t, e in entries.items()}, warnings, encoder_name
+
+
+def _synthetic_sets(components: Any, types: dict[str, TypeData], todo: list[str], entries: dict[str, Any],
+                    s: EvaluationSettings, clock: _Clock, progress: Progress, gallery: dict | None,
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Generate every prompt of the types in ``todo``; per type, the images in evaluation
+    space and their label indices (counts into ``entries``, first images into ``gallery``)."""
+    items = _generate(components, [p for t in todo for p in types[t].prompts], s, clock, progress)
     by_prompt: dict[str, list[Any]] = {}
     for g in items:
         by_prompt.setdefault(g.prompt, []).append(g.image)
@@ -732,102 +755,99 @@ def _evaluate_types_body(components: Any, types: dict[str, TypeData], s: Evaluat
                 g_t[lab] = {"prompt": p,
                             "synthetic": [np.asarray(im) for im in by_prompt.get(p, [])[: s.gallery_per_prompt]],
                             "real": real}
+    return syn
 
-    if s.classifier_threads:
-        torch.set_num_threads(s.classifier_threads)
-    # the encoder (and, with several types, the image-type classifier)
-    encoder_name: str | None = None
-    enc: SmallCNN | None = None
+
+def _type_recognition(types: dict[str, TypeData], todo: list[str], syn: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      entries: dict[str, Any], s: EvaluationSettings, clock: _Clock, progress: Progress) -> SmallCNN:
+    """Train the type x label classifier on the real training images of every type (it is
+    also the encoder of the fidelity metrics); with two or more types, fill in
+    ``type_recognised`` (and its floor, on real held-out images) per type and label."""
     all_types = list(types)
-    n_joint = sum(len(types[t].labels) for t in all_types)
-    if joint and n_joint >= 2:
-        offs, o = {}, 0
-        for t in all_types:
-            offs[t] = o
-            o += len(types[t].labels)
-        x = torch.cat([types[t].x_train for t in all_types])
-        y = torch.cat([types[t].y_train + offs[t] for t in all_types])
-        flips = torch.cat([torch.full((len(types[t].x_train),), types[t].hflip) for t in all_types])
-        progress(f"training the image-type x label classifier ({n_joint} classes, {len(x)} real images, "
-                 f"{s.encoder_steps} steps)")
-        with clock("classifiers"):
-            enc = train_classifier(x, y, n_joint, steps=s.encoder_steps, seed=s.seed, batch=s.classifier_batch,
-                                   lr=s.classifier_lr, width=s.classifier_width, hflip=flips)
-        encoder_name = "type-label"
-        type_of = np.concatenate([[k] * len(types[t].labels) for k, t in enumerate(all_types)]).astype(int)
-        if len(all_types) < 2:
-            for t in todo:
-                entries[t]["skipped"]["type_recognised"] = "needs at least 2 image types (one given)"
-        else:
-            with clock("metrics"):
-                for k, t in enumerate(all_types):
-                    if t not in todo:
-                        continue
-                    td = types[t]
-                    ph = type_of[predict(enc, td.x_hold)]
-                    entries[t]["floors"]["type_recognised"] = float((ph == k).mean())
-                    xs, ys = syn[t]
-                    if not len(xs):
-                        continue
-                    ps = type_of[predict(enc, xs)]
-                    entries[t]["metrics"]["type_recognised"] = float((ps == k).mean())
-                    counts = {all_types[j]: int((ps == j).sum()) for j in range(len(all_types))}
-                    entries[t]["recognised_as"] = counts
-                    for c, lab in enumerate(td.labels):
-                        m = ys.numpy() == c
-                        if m.any():
-                            entries[t]["per_label"][lab]["metrics"]["type_recognised"] = float((ps[m] == k).mean())
-                        mh = td.y_hold.numpy() == c
-                        if mh.any():
-                            entries[t]["per_label"][lab]["floors"]["type_recognised"] = float((ph[mh] == k).mean())
-    elif joint:
+    offs, o = {}, 0
+    for t in all_types:
+        offs[t] = o
+        o += len(types[t].labels)
+    x = torch.cat([types[t].x_train for t in all_types])
+    y = torch.cat([types[t].y_train + offs[t] for t in all_types])
+    flips = torch.cat([torch.full((len(types[t].x_train),), types[t].hflip) for t in all_types])
+    progress(f"training the image-type x label classifier ({o} classes, {len(x)} real images, "
+             f"{s.encoder_steps} steps)")
+    with clock("classifiers"):
+        enc = train_classifier(x, y, o, steps=s.encoder_steps, seed=s.seed, batch=s.classifier_batch,
+                               lr=s.classifier_lr, width=s.classifier_width, hflip=flips)
+    if len(all_types) < 2:
         for t in todo:
             entries[t]["skipped"]["type_recognised"] = "needs at least 2 image types (one given)"
+        return enc
+    type_of = np.concatenate([[k] * len(types[t].labels) for k, t in enumerate(all_types)]).astype(int)
+    with clock("metrics"):
+        for k, t in enumerate(all_types):
+            if t not in todo:
+                continue
+            td = types[t]
+            ph = type_of[predict(enc, td.x_hold)]
+            entries[t]["floors"]["type_recognised"] = float((ph == k).mean())
+            xs, ys = syn[t]
+            if not len(xs):
+                continue
+            ps = type_of[predict(enc, xs)]
+            entries[t]["metrics"]["type_recognised"] = float((ps == k).mean())
+            entries[t]["recognised_as"] = {all_types[j]: int((ps == j).sum()) for j in range(len(all_types))}
+            for c, lab in enumerate(td.labels):
+                m = ys.numpy() == c
+                if m.any():
+                    entries[t]["per_label"][lab]["metrics"]["type_recognised"] = float((ps[m] == k).mean())
+                mh = td.y_hold.numpy() == c
+                if mh.any():
+                    entries[t]["per_label"][lab]["floors"]["type_recognised"] = float((ph[mh] == k).mean())
+    return enc
 
-    for t in todo:
-        td = types[t]
-        xs, ys = syn[t]
-        progress(f"{t}: label classifiers (real, synthetic, 10% real, 10% real + synthetic; "
-                 f"{s.classifier_steps} steps each)")
-        m, pl, sk, real_clf = _classify_arms(td, xs, ys, s, clock)
-        if "n_real10" in m:
-            entries[t]["n_real10"] = m.pop("n_real10")
-        entries[t]["metrics"].update(m)
-        entries[t]["skipped"].update(sk)
-        _merge_per_label(entries[t], "metrics", pl)
-        t_enc, t_name = enc, encoder_name
-        if t_enc is None:
-            if real_clf is not None:
-                t_enc, t_name = real_clf, "label"
-            else:
-                progress(f"{t}: one class only: training the rotation encoder ({s.encoder_steps} steps)")
-                with clock("classifiers"):
-                    t_enc = train_classifier(td.x_train, torch.zeros(len(td.x_train), dtype=torch.long), 1,
-                                             steps=s.encoder_steps, seed=s.seed, batch=s.classifier_batch,
-                                             lr=s.classifier_lr, width=s.classifier_width, rotations=True,
-                                             hflip=td.hflip)
-                t_name = "rotation"
-        entries[t]["encoder"] = t_name
-        if not len(xs):
-            entries[t]["skipped"]["fidelity"] = "no synthetic images"
-            continue
-        fm, ff, fpl = _fidelity_and_diversity(td, xs, ys, t_enc, s, clock)
-        entries[t]["metrics"].update(fm)
-        entries[t]["floors"].update(ff)
-        for lab, v in fpl.items():
-            e = entries[t]["per_label"].setdefault(lab, {"metrics": {}, "floors": {}})
-            e["metrics"].update(v["metrics"])
-            e["floors"].update(v["floors"])
-            e.update({k: v[k] for k in ("n_holdout", "n_train")})
-        for k in FIDELITY:
-            if entries[t]["metrics"].get(k) is None:
-                entries[t]["skipped"].setdefault(
-                    "fidelity", f"too few images for the k-NN metrics (k = {s.k}): {len(xs)} synthetic, "
-                                f"{len(td.x_hold)} held-out")
-    if encoder_name is None:
-        names = {e.get("encoder") for e in entries.values() if e.get("encoder")}
-        encoder_name = names.pop() if len(names) == 1 else None
-    return {t: _round(e) for t, e in entries.items()}, warnings, encoder_name
+
+def _label_and_fidelity(t: str, td: TypeData, syn: tuple[torch.Tensor, torch.Tensor], entry: dict[str, Any],
+                        enc: SmallCNN | None, encoder_name: str | None, s: EvaluationSettings, clock: _Clock,
+                        progress: Progress) -> None:
+    """One type's label classifiers (alignment, TSTR, augmentation) and its fidelity and
+    diversity metrics, in the feature space of ``enc`` (else its real label classifier,
+    else a rotation encoder for a one-class type), into ``entry``."""
+    xs, ys = syn
+    progress(f"{t}: label classifiers (real, synthetic, 10% real, 10% real + synthetic; "
+             f"{s.classifier_steps} steps each)")
+    m, pl, sk, real_clf = _classify_arms(td, xs, ys, s, clock)
+    if "n_real10" in m:
+        entry["n_real10"] = m.pop("n_real10")
+    entry["metrics"].update(m)
+    entry["skipped"].update(sk)
+    _merge_per_label(entry, "metrics", pl)
+    t_enc, t_name = enc, encoder_name
+    if t_enc is None:
+        if real_clf is not None:
+            t_enc, t_name = real_clf, "label"
+        else:
+            progress(f"{t}: one class only: training the rotation encoder ({s.encoder_steps} steps)")
+            with clock("classifiers"):
+                t_enc = train_classifier(td.x_train, torch.zeros(len(td.x_train), dtype=torch.long), 1,
+                                         steps=s.encoder_steps, seed=s.seed, batch=s.classifier_batch,
+                                         lr=s.classifier_lr, width=s.classifier_width, rotations=True,
+                                         hflip=td.hflip)
+            t_name = "rotation"
+    entry["encoder"] = t_name
+    if not len(xs):
+        entry["skipped"]["fidelity"] = "no synthetic images"
+        return
+    fm, ff, fpl = _fidelity_and_diversity(td, xs, ys, t_enc, s, clock)
+    entry["metrics"].update(fm)
+    entry["floors"].update(ff)
+    for lab, v in fpl.items():
+        e = entry["per_label"].setdefault(lab, {"metrics": {}, "floors": {}})
+        e["metrics"].update(v["metrics"])
+        e["floors"].update(v["floors"])
+        e.update({k: v[k] for k in ("n_holdout", "n_train")})
+    for k in FIDELITY:
+        if entry["metrics"].get(k) is None:
+            entry["skipped"].setdefault(
+                "fidelity", f"too few images for the k-NN metrics (k = {s.k}): {len(xs)} synthetic, "
+                            f"{len(td.x_hold)} held-out")
 
 
 def _now() -> str:
