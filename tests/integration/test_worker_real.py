@@ -114,7 +114,10 @@ def test_foreign_fab_refused_and_killed_worker_restarted(tmp_path, cleanup):  # 
     port = free_port()
     cleanup.ports.append(port)
     sites = ["breast-us", "fundus"]
-    cfg = federation(tmp_path, port, sites, rounds=2, local_steps=3)
+    # enough local steps that round 1's training outlasts the poll below (the kill must
+    # land while the ClientApp runs, not between the task's claim and its input pull:
+    # a task whose input was never pulled is offered again, to the restarted worker)
+    cfg = federation(tmp_path, port, sites, rounds=2, local_steps=20)
     paths = {s: site_toml(tmp_path, s, port) for s in sites}
     server = ServerSupervisor(cfg, echo=print)
     env = {"OMP_NUM_THREADS": "1"}
@@ -166,9 +169,14 @@ def test_foreign_fab_refused_and_killed_worker_restarted(tmp_path, cleanup):  # 
 
         # 2. the same site then serves a genuine medisyn run; its worker is SIGKILLed in round 1
         server.submit()
-        # served >= 1: past the prompts query before the first UNet round; busy: training round 1
-        wait_for(lambda: _status(ours).get("state") == "busy" and _status(ours).get("served", 0) >= 1, 240,
-                 "breast-us's worker to take round 1")
+        # served >= 1: past the prompts query before the first UNet round; busy, with the train
+        # message's input pulled (logged): training round 1
+        def training() -> bool:
+            st = _status(ours)
+            return (st.get("state") == "busy" and st.get("served", 0) >= 1
+                    and "train message" in (state / "logs" / "worker.log").read_text())
+
+        wait_for(training, 240, "breast-us's worker to train round 1", poll=0.1)
         os.killpg(first_worker, signal.SIGKILL)
         wait_for(lambda: ours.worker_restarts >= 1 and ours.worker.pid != first_worker, 60,
                  "the supervisor to restart the worker")
