@@ -19,8 +19,9 @@ measure:
   feature space of an encoder trained here on the real data (:data:`ENCODERS`): Fréchet
   distance (FD), kernel distance (KID: unbiased MMD², cubic polynomial kernel),
   precision/recall (k-NN manifolds, k = 5, Kynkäänniemi et al. 2019) and density/coverage
-  (Naeem et al. 2020). Floor: the same metric for a real *training* subset of the same
-  size against the same held-out images (what a perfect generator would score).
+  (Naeem et al. 2020). Floor: the same metric for a real *training* subset with the synthetic
+  set's label mix (as many images of each label) against the same held-out images (what
+  a perfect generator, prompted alike, would score).
 - diversity: near-duplicate rate, the share of synthetic images of a group (image type,
   label) that have another one whose pixels, minus the type's real mean image, correlate
   at >= 0.95 (Pearson, 32 px); floor: the same rate in as many real training images.
@@ -53,7 +54,7 @@ from medisyn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-EVAL_VERSION = "0.1.0"
+EVAL_VERSION = "0.2.0"  # 0.2: type-level fidelity floors have the synthetic label mix
 Progress = Callable[[str], None]
 
 ENCODERS = {
@@ -88,8 +89,9 @@ DEFINITIONS = {
     "coverage": "share of real held-out images whose k-NN ball holds a synthetic image",
     "near_duplicate_rate": "share of images with another image of the same group at pixel "
                            "correlation >= the threshold (lower is more diverse)",
-    "floor": "the same metric for real data: real training images (same number as synthetic) "
-             "against the real held-out images; type recognition: real held-out images",
+    "floor": "the same metric for real data: real training images (as many of each label as "
+             "the synthetic set has) against the real held-out images; type recognition: real "
+             "held-out images",
 }
 
 FIDELITY = ("fd", "kid", "precision", "recall", "density", "coverage")
@@ -513,6 +515,21 @@ def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
 
 
+def _label_matched_subset(y_train: Any, y_syn: Any, seed: int) -> np.ndarray:
+    """Indices of real training images with the synthetic set's label mix: for each label,
+    as many images as the synthetic set has of it (all of them where the label has fewer).
+    The floor of a label-balanced synthetic set must be a label-balanced real set: against
+    held-out images in their natural mix, a random real subset matches the mix and the
+    synthetic set does not, and the floor would measure the mix, not the images."""
+    rng = np.random.default_rng(seed)
+    yt, ysn = np.asarray(y_train), np.asarray(y_syn)
+    out = [np.zeros(0, int)]
+    for c in sorted(set(ysn.tolist())):
+        idx = np.where(yt == c)[0]
+        out.append(rng.choice(idx, size=min(int((ysn == c).sum()), len(idx)), replace=False))
+    return np.sort(np.concatenate(out))
+
+
 def _stratified_fraction(y: torch.Tensor, frac: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = []
@@ -590,8 +607,9 @@ def _fidelity_and_diversity(td: TypeData, xs: torch.Tensor, ys: torch.Tensor, en
         f_hold = embed(enc, td.x_hold)
         f_syn = embed(enc, xs)
         f_train = embed(enc, td.x_train)
-        n = max(len(xs), 2)
-        sub = _subset(len(td.x_train), n, s.seed)
+        sub = _label_matched_subset(td.y_train, ys, s.seed)
+        if len(sub) < 2:  # no synthetic images (or labels without training images): as many as there are
+            sub = _subset(len(td.x_train), max(len(xs), 2), s.seed)
         metrics = fidelity(f_hold, f_syn, s.k)
         floors = fidelity(f_hold, f_train[sub], s.k)
         centre = td.x_train.mean(0)

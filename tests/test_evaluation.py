@@ -402,3 +402,37 @@ def test_join_lists_a_shared_type_once_per_site_and_names_missing_sites():
     assert j["site_errors"] == {"s4": "refused", "s5": "did not answer"}
     page = render_html(j)
     assert "chest @ s1" in page and "s5" in page and "did not answer" in page
+
+
+def test_fidelity_floor_has_the_synthetic_label_mix():
+    """A generator that draws fresh real images, prompted 16 per label, must score its floor:
+    the floor set has the synthetic set's label mix, not the held-out set's (9:1 here)."""
+    from medisyn.evaluation import EvaluationSettings, SmallCNN, TypeData, _fidelity_and_diversity, _Clock
+
+    g = torch.Generator().manual_seed(0)
+
+    def images(label: int, n: int) -> torch.Tensor:  # label 0 dark, label 1 bright, with texture
+        return (torch.rand(n, 3, 8, 8, generator=g) * 0.4 - 0.8 + 1.2 * label).clamp(-1, 1)
+
+    x_train = torch.cat([images(0, 180), images(1, 20)])
+    y_train = torch.tensor([0] * 180 + [1] * 20)
+    td = TypeData(image_type="t", specialty="s", labels=["a", "b"], prompts=["t, a", "t, b"],
+                  x_train=x_train, y_train=y_train,
+                  x_hold=torch.cat([images(0, 90), images(1, 10)]), y_hold=torch.tensor([0] * 90 + [1] * 10))
+    xs, ys = torch.cat([images(0, 16), images(1, 16)]), torch.tensor([0] * 16 + [1] * 16)
+    torch.manual_seed(0)
+    enc = SmallCNN(2).eval()
+    metrics, floors, per_label = _fidelity_and_diversity(td, xs, ys, enc, EvaluationSettings(), _Clock())
+    from medisyn.evaluation import _label_matched_subset
+
+    sub = _label_matched_subset(y_train, ys, 0)
+    assert np.bincount(y_train[sub].numpy()).tolist() == [16, 16]
+    assert np.bincount(y_train[_label_matched_subset(y_train, torch.tensor([0] * 4 + [1] * 30), 0)].numpy()
+                       ).tolist() == [4, 20]  # a label with fewer training images: all of them
+    # fresh real images with the synthetic mix score what the floor scores; a random real subset
+    # (90% dark, the held-out mix) scores far less: it measured the mix, not the images
+    from medisyn.evaluation import _subset, embed, fidelity
+
+    random_floor = fidelity(embed(enc, td.x_hold), embed(enc, x_train[_subset(200, 32, 0)]))["kid"]
+    assert metrics["kid"] == pytest.approx(floors["kid"], rel=0.5)
+    assert abs(random_floor) < 0.2 * metrics["kid"]
