@@ -10,11 +10,16 @@ autoencoder trained centrally; docs/quality.md).
 
 So MediSyn ships a starting point that involves no patient data at all: the default tiny
 autoencoder (f = 2, blocks (16, 32)) trained on *procedural* images, generated here from
-a seeded random generator: 1/f^a noise (a in [1, 3.5], the power law of natural and
-medical images) with random colour mixing or grey, random discs and ellipses, and a dark
-circular surround in some. At f = 2 an autoencoder is nearly a local code (a 2x2 pixel
-patch -> 4 latent values), so one trained on such images reconstructs real medical images
-it has never seen; the sites then only fine-tune it (stage ``vae``, a few short rounds).
+a seeded random generator. Three quarters of each batch are painted scenes: 1/f^a
+textures (a in [1, 3.5], the power law of natural and medical images) painted between
+two colours drawn from the whole RGB cube (or grey), stripes, objects with wobbly soft
+borders painted in their own colours, a dark circular surround; one quarter are the first
+generator's noise scenes (colour-mixed 1/f noise, flat discs). At f = 2 an autoencoder is
+nearly a local code (a 2x2 pixel patch -> 4 latent values), so one trained on such images
+reconstructs real medical images it has never seen; the sites then only fine-tune it
+(stage ``vae``, a few short rounds). The first shipped autoencoder (noise scenes only,
+600 steps) turned dark-brown dermoscopy lesions green: its images had few dark saturated
+colours, and that error reached every generated image (docs/quality.md).
 
 ``python -m medisyn.models.procedural --out FILE`` rebuilds the shipped weights
 (``medisyn/assets/vae/``) exactly: same seed, steps and generator.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -33,7 +39,8 @@ import torch
 
 # What the shipped file was trained with (and is checked against before it is used).
 SHIPPED_NAME = "tiny-f2-procedural"
-PRETRAIN = {"steps": 600, "batch": 64, "lr": 1e-3, "seed": 0, "resolution": 32, "kl_weight": 1e-6}
+PRETRAIN = {"steps": 2400, "batch": 64, "lr": 1e-3, "warmup_steps": 50, "schedule": "cosine", "seed": 0,
+            "resolution": 32, "kl_weight": 1e-6}
 
 
 def _freq_radius(res: int) -> torch.Tensor:
@@ -42,11 +49,71 @@ def _freq_radius(res: int) -> torch.Tensor:
     return torch.sqrt(fx**2 + fy**2).clamp_min(1.0 / res)
 
 
-def procedural_images(n: int, resolution: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` RGB images in [-1, 1], shape (n, 3, resolution, resolution), from ``gen``."""
-    if n < 1 or resolution < 4:
-        raise ValueError(f"need n >= 1 and resolution >= 4, got n={n}, resolution={resolution}")
-    r = resolution
+def _noise(n: int, r: int, alpha: torch.Tensor | float, gen: torch.Generator, ch: int = 1) -> torch.Tensor:
+    """Unit-variance 1/f^alpha noise, shape (n, ch, r, r)."""
+    spec = torch.randn(n, ch, r, r, dtype=torch.cfloat, generator=gen) / _freq_radius(r) ** alpha
+    x = torch.fft.ifft2(spec).real
+    return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-6)
+
+
+def _u(gen: torch.Generator, *shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+
+def _painted(n: int, r: int, gen: torch.Generator, grey: torch.Tensor) -> torch.Tensor:
+    """A 1/f texture painted between two colours drawn from the whole RGB cube: colour that
+    varies along one hue direction, as in tissue (skin to a dark-brown lesion, an orange
+    retina to a dark vessel), including the dark saturated colours the first generator
+    hardly drew (its decoder turned dark-brown lesions green)."""
+    alpha = _u(gen, n, 1, 1, 1, lo=1.0, hi=3.5)
+    t = (0.5 + _u(gen, n, 1, 1, 1, lo=0.15, hi=0.6) * _noise(n, r, alpha, gen)).clamp(0, 1)
+    c0, c1 = _u(gen, n, 3, 1, 1, lo=-1, hi=1), _u(gen, n, 3, 1, 1, lo=-1, hi=1)
+    c0[grey] = c0[grey, :1].expand(-1, 3, -1, -1)
+    c1[grey] = c1[grey, :1].expand(-1, 3, -1, -1)
+    return c0 + t * (c1 - c0)
+
+
+def _painted_scenes(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """Painted backgrounds (40% grey), colour noise on some, stripes on a fifth (ribs,
+    tissue layers), up to three objects with wobbly soft borders each painted with its own
+    colours, a dark circular surround with a soft edge on 30% (fundus, dermoscopy)."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, r), torch.linspace(-1, 1, r), indexing="ij")
+    grey = torch.rand(n, generator=gen) < 0.4
+    x = _painted(n, r, gen, grey)
+    noisy = torch.rand(n, generator=gen) < 0.3
+    mix = torch.eye(3) + 0.8 * torch.randn(n, 3, 3, generator=gen)
+    z = torch.einsum("nij,njhw->nihw", mix, _noise(n, r, _u(gen, n, 1, 1, 1, lo=1.0, hi=3.5), gen, ch=3))
+    z[grey] = z[grey, :1].expand(-1, 3, -1, -1)
+    x = x + (noisy[:, None, None, None] * _u(gen, n, 1, 1, 1, lo=0.05, hi=0.3)) * z
+    stripes = torch.rand(n, generator=gen) < 0.2
+    theta = _u(gen, n, 1, 1, lo=0, hi=math.pi)
+    freq = _u(gen, n, 1, 1, lo=2, hi=10)
+    phase = _u(gen, n, 1, 1, lo=0, hi=2 * math.pi)
+    wave = torch.sin(freq * math.pi * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
+    x = x + (stripes[:, None, None] * _u(gen, n, 1, 1, lo=0.1, hi=0.5) * wave)[:, None]
+    for _ in range(3):
+        cx, cy = _u(gen, 2, n, 1, 1, lo=-0.8, hi=0.8)
+        rx, ry = _u(gen, 2, n, 1, 1, lo=0.08, hi=0.7)
+        rot = _u(gen, n, 1, 1, lo=0, hi=math.pi)
+        dx, dy = xx - cx, yy - cy
+        u = (dx * torch.cos(rot) + dy * torch.sin(rot)) / rx
+        v = (-dx * torch.sin(rot) + dy * torch.cos(rot)) / ry
+        wobble = 1 + _u(gen, n, 1, 1, lo=0, hi=0.5) * _noise(n, r, 3.0, gen)[:, 0]
+        d = torch.sqrt(u**2 + v**2) - wobble.clamp_min(0.3)
+        mask = torch.sigmoid(-d / _u(gen, n, 1, 1, lo=0.02, hi=0.3)) * (torch.rand(n, 1, 1, generator=gen) < 0.6)
+        fill = _painted(n, r, gen, grey)
+        x = x + mask[:, None] * (fill - x)
+    surround = torch.rand(n, generator=gen) < 0.3
+    radius = _u(gen, n, 1, 1, lo=0.7, hi=1.1)
+    edge = torch.sigmoid((torch.sqrt(xx**2 + yy**2)[None] - radius) / _u(gen, n, 1, 1, lo=0.005, hi=0.05))
+    dark = -1 + _u(gen, n, 1, 1, 1, lo=0, hi=0.15)
+    x = torch.where(surround[:, None, None, None], x + edge[:, None] * (dark - x), x)
+    return x.clamp(-1, 1)
+
+
+def _noise_scenes(n: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """The first generator: colour-mixed 1/f noise (half grey), flat-coloured discs, a
+    hard dark surround on 30%."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, r), torch.linspace(-1, 1, r), indexing="ij")
     alpha = 1.0 + 2.5 * torch.rand(n, 1, 1, 1, generator=gen)
     spec = torch.randn(n, 3, r, r, dtype=torch.cfloat, generator=gen) / _freq_radius(r) ** alpha
@@ -72,6 +139,17 @@ def procedural_images(n: int, resolution: int, gen: torch.Generator) -> torch.Te
     outside = (xx**2 + yy**2)[None] > radius**2
     x = torch.where((outside & surround[:, None, None])[:, None], torch.full_like(x, -1.0), x)
     return x.clamp(-1, 1)
+
+
+def procedural_images(n: int, resolution: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` RGB images in [-1, 1], shape (n, 3, resolution, resolution), from ``gen``:
+    the first ``n - n // 4`` painted scenes, the last ``n // 4`` noise scenes."""
+    if n < 1 or resolution < 4:
+        raise ValueError(f"need n >= 1 and resolution >= 4, got n={n}, resolution={resolution}")
+    parts = [_painted_scenes(n - n // 4, resolution, gen)]
+    if n // 4:
+        parts.append(_noise_scenes(n // 4, resolution, gen))
+    return torch.cat(parts)
 
 
 def shipped_dir() -> Path:
@@ -126,15 +204,25 @@ def load_pretrained(vae: torch.nn.Module, cfg: Any, *, required: bool) -> bool:
     return True
 
 
+def _warmup_cosine(steps: int, warmup: int) -> Any:
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to 1% of the rate."""
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / max(warmup, 1)) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.99
+                                                      + 0.01)
+    return factor
+
+
 def pretrain(cfg: Any, *, steps: int, batch: int, lr: float, seed: int, kl_weight: float,
-             log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train ``cfg``'s autoencoder (random init) on procedural images only."""
+             warmup_steps: int = 50, log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train ``cfg``'s autoencoder (random init) on procedural images only (AdamW,
+    warm-up and cosine decay)."""
     from medisyn.models.components import build_components
 
     comps = build_components(cfg.model_copy(update={"vae": cfg.vae.model_copy(update={"init": "random"})}), seed=seed)
     vae = comps.vae
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps, warmup_steps))
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         x = procedural_images(batch, cfg.resolution, gen)
@@ -145,6 +233,7 @@ def pretrain(cfg: Any, *, steps: int, batch: int, lr: float, seed: int, kl_weigh
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if log_every and (step % log_every == 0 or step == steps):
             print(f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
     state = {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
@@ -174,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     cfg = ModelConfig(resolution=PRETRAIN["resolution"])
     params = {**PRETRAIN, "steps": a.steps}
-    state, info = pretrain(cfg, steps=a.steps, batch=params["batch"], lr=params["lr"], seed=params["seed"],
-                           kl_weight=params["kl_weight"])
+    state, info = pretrain(cfg, **{k: v for k, v in params.items() if k not in ("resolution", "schedule")})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(a.out))
     a.out.chmod(0o644)  # package data: readable by the site daemon's user
