@@ -501,8 +501,9 @@ def train_round(
     for site, reason in verdict.rejected:
         result.failed[site] = f"rejected: {reason}"
         result.accepted.pop(site, None)
-    for site, (_claimed, cap) in verdict.capped.items():
-        result.accepted[site]["weight-examples"] = cap
+    if cfg.strategy.weighting == "examples":  # equal weighting: a claim weighs nothing, capped or not
+        for site, (_claimed, cap) in verdict.capped.items():
+            result.accepted[site]["weight-examples"] = cap
 
     weights = ({c.site: 1.0 for c in verdict.accepted} if cfg.strategy.weighting == "equal"
                else verdict.weights)

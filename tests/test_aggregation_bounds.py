@@ -213,9 +213,12 @@ def test_config_caps_resolve_per_site_then_default():
     assert cfg.strategy.max_update_norm == 3.0
 
 
-def test_in_process_round_rejects_a_stale_token_and_caps_a_claim(tmp_path):
+@pytest.mark.parametrize("weighting", ["examples", "equal"])
+def test_in_process_round_rejects_a_stale_token_and_caps_a_claim(tmp_path, weighting):
     """Through run_federation and the real ClientApp: a site whose reply carries an old
-    token is rejected; a site claiming 1e12 examples is weighted as its cap."""
+    token is rejected; a site claiming 1e12 examples is weighted as its cap (reported as
+    ``weight-examples``; with equal weighting the claim weighs nothing and nothing is
+    reported as its weight)."""
     from medisyn.client.app import app as client_app
     from medisyn.server import federation as fed
     from test_federation_units import LocalGrid, fed_cfg, node_configs
@@ -232,14 +235,17 @@ def test_in_process_round_rejects_a_stale_token_and_caps_a_claim(tmp_path):
 
     nodes = node_configs(tmp_path)
     cfg = fed_cfg(tmp_path, stages=["vae"], enrolment={"chest-xray": {"max_examples": 7}},
-                  strategy={"max_update_norm": 1e6})
+                  strategy={"max_update_norm": 1e6, "weighting": weighting})
     grid = LocalGrid(nodes, client_app, tamper={1000: stale, 1001: inflate})
     assert fed.run_federation(grid, cfg) == fed.Outcome.DONE
     (rec,) = fed.iter_metrics(cfg.run_dir)
     assert rec["sites"]["breast-us"]["status"] == "failed"
     assert "not bound to this run and round" in rec["sites"]["breast-us"]["reason"]
     assert rec["sites"]["chest-xray"]["status"] == "ok"
-    assert rec["sites"]["chest-xray"]["weight-examples"] == 7
+    assert rec["sites"]["chest-xray"].get("weight-examples") == (7 if weighting == "examples" else None)
+    fundus_n = rec["sites"]["fundus"]["num-examples"]
+    assert rec["sites"]["chest-xray"]["weight-share"] == pytest.approx(0.5 if weighting == "equal"
+                                                                       else 7 / (7 + fundus_n))
     assert rec["sites"]["fundus"]["status"] == "ok" and rec["aggregate_problem"] is None
 
 
