@@ -22,7 +22,8 @@ reconstructs real medical images it has never seen; the sites then only fine-tun
 colours, and that error reached every generated image (docs/quality.md).
 
 ``python -m medisyn.models.procedural --out FILE`` rebuilds the shipped weights
-(``medisyn/assets/vae/``) exactly: same seed, steps and generator.
+(``medisyn/assets/vae/``): same seed, steps, schedule and generator (bit for bit only on
+the same torch build and thread count: the shipped file was made with ``--threads 2``).
 """
 
 from __future__ import annotations
