@@ -407,7 +407,17 @@ def test_join_lists_a_shared_type_once_per_site_and_names_missing_sites():
 def test_fidelity_floor_has_the_synthetic_label_mix():
     """A generator that draws fresh real images, prompted 16 per label, must score its floor:
     the floor set has the synthetic set's label mix, not the held-out set's (9:1 here)."""
-    from medisyn.evaluation import EvaluationSettings, SmallCNN, TypeData, _fidelity_and_diversity, _Clock
+    from medisyn.evaluation import (
+        EvaluationSettings,
+        SmallCNN,
+        TypeData,
+        _Clock,
+        _fidelity_and_diversity,
+        _label_matched_subset,
+        _subset,
+        embed,
+        fidelity,
+    )
 
     g = torch.Generator().manual_seed(0)
 
@@ -422,17 +432,13 @@ def test_fidelity_floor_has_the_synthetic_label_mix():
     xs, ys = torch.cat([images(0, 16), images(1, 16)]), torch.tensor([0] * 16 + [1] * 16)
     torch.manual_seed(0)
     enc = SmallCNN(2).eval()
-    metrics, floors, per_label = _fidelity_and_diversity(td, xs, ys, enc, EvaluationSettings(), _Clock())
-    from medisyn.evaluation import _label_matched_subset
-
+    metrics, floors, _per_label = _fidelity_and_diversity(td, xs, ys, enc, EvaluationSettings(), _Clock())
     sub = _label_matched_subset(y_train, ys, 0)
     assert np.bincount(y_train[sub].numpy()).tolist() == [16, 16]
     assert np.bincount(y_train[_label_matched_subset(y_train, torch.tensor([0] * 4 + [1] * 30), 0)].numpy()
                        ).tolist() == [4, 20]  # a label with fewer training images: all of them
     # fresh real images with the synthetic mix score what the floor scores; a random real subset
     # (90% dark, the held-out mix) scores far less: it measured the mix, not the images
-    from medisyn.evaluation import _subset, embed, fidelity
-
     random_floor = fidelity(embed(enc, td.x_hold), embed(enc, x_train[_subset(200, 32, 0)]))["kid"]
     assert metrics["kid"] == pytest.approx(floors["kid"], rel=0.5)
     assert abs(random_floor) < 0.2 * metrics["kid"]
