@@ -551,8 +551,8 @@ def comparisons(study: dict[str, Any], type_names: Sequence[str]) -> dict[str, A
     out: dict[str, Any] = {}
     pairs = (("b", "c", "federated generalist vs specialist"), ("a", "c", "central vs specialist"),
              ("d", "c", "federated DP vs specialist (no DP)"), ("d", "b", "federated DP vs federated"),
-             ("b", "a", "federated vs central"), ("e", "c", "federated generalist (server lr 4) vs specialist"),
-             ("e", "b", "server lr 4 vs FedAvg"))
+             ("b", "a", "federated vs central"), ("e", "c", "federated generalist (arm e's plan) vs specialist"),
+             ("e", "b", "arm e's plan vs FedAvg"))
     for x, y, what in pairs:
         ex = (study["arms"].get(x, {}).get("evaluation") or {}).get("types")
         ey = (study["arms"].get(y, {}).get("evaluation") or {}).get("types")
