@@ -66,14 +66,16 @@ def test_pretraining_learns_from_procedural_images_alone():
     """``pretrain`` (what ``python -m medisyn.models.procedural`` runs): a few warm-up and
     cosine steps on painted and noise scenes lower the held-out error of a random
     autoencoder; both kinds of scene are in every batch of 4 or more."""
-    from medisyn.models.procedural import _painted_scenes, heldout_stats, pretrain
+    from medisyn.models.procedural import _noise_scenes, _painted_scenes, heldout_stats, pretrain
 
     cfg = ModelConfig(vae=VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, init="random"))
     before = heldout_stats(build_components(cfg, seed=0).vae, 32, 0)["procedural_heldout_mse"]
-    state, info = pretrain(cfg, steps=40, batch=16, lr=3e-3, seed=0, kl_weight=1e-6, warmup_steps=5, log_every=0)
+    _state, info = pretrain(cfg, steps=40, batch=16, lr=3e-3, seed=0, kl_weight=1e-6, warmup_steps=5, log_every=0)
     assert info["procedural_heldout_mse"] < 0.5 * before
     x = procedural_images(8, 32, torch.Generator().manual_seed(0))
-    assert torch.equal(x[:6], _painted_scenes(6, 32, torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(x[:6], _painted_scenes(6, 32, g))
+    assert torch.equal(x[6:], _noise_scenes(2, 32, g))
 
 
 def test_procedural_init_needs_the_shipped_architecture():
