@@ -32,10 +32,6 @@ DATA = Path(__file__).resolve().parent / "data"
 TYPES = ("breast-us", "chest-xray", "fundus", "dermoscopy")
 
 
-def _uint8(chw: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((chw.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("autoencoder", "real"), required=True)
@@ -62,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                     x = components.vae.decode(components.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
                     if by_prompt[p][0].ndim == 2:  # a grey type: generated channel-equal, as the product does
                         x = x.mean(1, keepdim=True).repeat(1, 3, 1, 1)
-                out += [SimpleNamespace(prompt=p, image=_uint8(im)) for im in x]
+                out += [SimpleNamespace(prompt=p, image=Image.fromarray(ev._to_uint8(im))) for im in x]
         return out
 
     ev._generate = fake_generate
