@@ -37,7 +37,7 @@ from medisyn.server.checkpoint import (
     latest_checkpoint,
     write_checkpoint,
 )
-from medisyn.server.checks import Candidate, check_replies
+from medisyn.server.checks import Candidate, Verdict, check_replies
 from medisyn.server.config import FederationConfig, read_enrolment
 from medisyn.server.strategy import aggregate_checked, export_state, make_strategy, restore_state
 
@@ -501,15 +501,7 @@ def train_round(
     for site, reason in verdict.rejected:
         result.failed[site] = f"rejected: {reason}"
         result.accepted.pop(site, None)
-    if cfg.strategy.weighting == "examples":  # equal weighting: a claim weighs nothing, capped or not
-        for site, (_claimed, cap) in verdict.capped.items():
-            result.accepted[site]["weight-examples"] = cap
-
-    weights = ({c.site: 1.0 for c in verdict.accepted} if cfg.strategy.weighting == "equal"
-               else verdict.weights)
-    total = sum(weights[c.site] for c in verdict.accepted)
-    for c in verdict.accepted:  # each site's share of the average, in the round's metrics
-        result.accepted[c.site]["weight-share"] = weights[c.site] / total
+    weights = _site_weights(cfg, verdict, result.accepted)
     # Aggregate over a uniform reply shape (the weights and the capped weight only); the
     # full per-site metrics are reported separately.
     result.new_state, result.loss, result.aggregate_problem = aggregate_checked(
@@ -519,6 +511,21 @@ def train_round(
         layout,
     )
     return result
+
+
+def _site_weights(cfg: FederationConfig, verdict: Verdict, accepted: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each accepted site's weight in the average (its checked, capped num-examples, or 1
+    with ``weighting = "equal"``); records ``weight-share`` (and, with example weighting,
+    a capped claim's ``weight-examples``) in the site's round metrics."""
+    if cfg.strategy.weighting == "examples":  # equal weighting: a claim weighs nothing, capped or not
+        for site, (_claimed, cap) in verdict.capped.items():
+            accepted[site]["weight-examples"] = cap
+    weights = ({c.site: 1.0 for c in verdict.accepted} if cfg.strategy.weighting == "equal"
+               else verdict.weights)
+    total = sum(weights[c.site] for c in verdict.accepted)
+    for c in verdict.accepted:
+        accepted[c.site]["weight-share"] = weights[c.site] / total
+    return weights
 
 
 class _OneSite:
