@@ -1,7 +1,9 @@
 """Image tensors and the augmentation families the audit plants and trains on.
 
 All functions work on float32 tensors ``N×C×H×W`` in ``[0, 1]`` (``to_tensor`` makes them
-from uint8 arrays) and take a ``torch.Generator`` so that every plant is reproducible.
+from uint8 arrays) and take a ``torch.Generator`` so that every plant is reproducible. The
+generator is a CPU one: random draws are made on the CPU and moved to the images' device, so
+a plant is the same on a GPU as on the CPU.
 
 Families (the contract of issue 5):
 
@@ -89,7 +91,7 @@ def convert_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     if c == 1 and channels == 3:
         return t.repeat(1, 3, 1, 1)
     if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=t.dtype).view(1, 3, 1, 1)
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1).to(t)
         return (t * w).sum(1, keepdim=True)
     raise ValueError(f"cannot convert {c} channels to {channels}")
 
@@ -103,13 +105,13 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
 
 
 def _affine(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
 def flip(x: torch.Tensor, g: torch.Generator, *, vertical_p: float = 0.5) -> torch.Tensor:
     """Flip every image horizontally, or vertically with probability ``vertical_p``."""
-    vert = torch.rand(x.shape[0], generator=g) < vertical_p
+    vert = (torch.rand(x.shape[0], generator=g) < vertical_p).to(x.device)
     out = x.flip(-1)
     if vert.any():
         out[vert] = x[vert].flip(-2)
@@ -132,17 +134,17 @@ def shift(x: torch.Tensor, g: torch.Generator, *, max_px: int = 2) -> torch.Tens
 
 def noise(x: torch.Tensor, g: torch.Generator, *, sigma: float | torch.Tensor = 0.02) -> torch.Tensor:
     if isinstance(sigma, torch.Tensor):
-        sigma = sigma.view(-1, 1, 1, 1)
-    return (x + torch.randn(x.shape, generator=g) * sigma).clamp(0, 1)
+        sigma = sigma.view(-1, 1, 1, 1).to(x)
+    return (x + torch.randn(x.shape, generator=g).to(x) * sigma).clamp(0, 1)
 
 
 def brightness(x: torch.Tensor, g: torch.Generator, *, lo: float = 0.9, hi: float = 1.1) -> torch.Tensor:
     f = lo + (hi - lo) * torch.rand(x.shape[0], 1, 1, 1, generator=g)
-    return (x * f).clamp(0, 1)
+    return (x * f.to(x)).clamp(0, 1)
 
 
 def contrast(x: torch.Tensor, g: torch.Generator, *, lo: float = 0.9, hi: float = 1.1) -> torch.Tensor:
-    f = lo + (hi - lo) * torch.rand(x.shape[0], 1, 1, 1, generator=g)
+    f = lo + (hi - lo) * torch.rand(x.shape[0], 1, 1, 1, generator=g).to(x)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - m) * f + m).clamp(0, 1)
 
@@ -187,7 +189,7 @@ def blur(x: torch.Tensor, g: torch.Generator | None = None, *,
     """3×3 Gaussian blur (per-image σ allowed)."""
     n, c, h, w = x.shape
     s = sigma if isinstance(sigma, torch.Tensor) else torch.full((n,), float(sigma))
-    k = _gauss_kernel(s).repeat_interleave(c, 0).unsqueeze(1)  # (n*c)×1×3×3
+    k = _gauss_kernel(s.cpu()).repeat_interleave(c, 0).unsqueeze(1).to(x)  # (n*c)×1×3×3
     xp = F.pad(x.reshape(1, n * c, h, w), (1, 1, 1, 1), mode="replicate")
     return F.conv2d(xp, k, groups=n * c).reshape(n, c, h, w)
 
@@ -229,9 +231,9 @@ def random_view(x: torch.Tensor, g: torch.Generator, *, strength: float = 1.0) -
     n = x.shape[0]
     y = x
     hf = torch.rand(n, generator=g) < 0.5
-    y = torch.where(hf.view(-1, 1, 1, 1), y.flip(-1), y)
+    y = torch.where(hf.view(-1, 1, 1, 1).to(x.device), y.flip(-1), y)
     vf = torch.rand(n, generator=g) < 0.5
-    y = torch.where(vf.view(-1, 1, 1, 1), y.flip(-2), y)
+    y = torch.where(vf.view(-1, 1, 1, 1).to(x.device), y.flip(-2), y)
     # one affine: scale (crop), rotation, translation
     h = x.shape[-1]
     s = 1.0 - strength * 0.25 * torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.6)
@@ -249,6 +251,7 @@ def random_view(x: torch.Tensor, g: torch.Generator, *, strength: float = 1.0) -
     bl = torch.rand(n, generator=g) < 0.4
     if bl.any():
         sig = 0.5 + 0.6 * torch.rand(int(bl.sum()), generator=g)
+        bl = bl.to(x.device)
         y[bl] = blur(y[bl], sigma=sig)
     y = brightness(y, g, lo=1 - 0.15 * strength, hi=1 + 0.15 * strength)
     y = contrast(y, g, lo=1 - 0.15 * strength, hi=1 + 0.15 * strength)

@@ -203,7 +203,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Te
     n = z1.shape[0]
     sim = z @ z.t() / temperature
     sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
     return F.cross_entropy(sim, target)
 
 
