@@ -198,11 +198,43 @@ def load_pretrained(vae: torch.nn.Module, cfg: Any, *, required: bool) -> bool:
             )
         return False
     vae.load_state_dict(load_file(str(path)))
-    # The latent scale as Stable Diffusion sets it (1 / std of the latents), measured on
-    # held-out procedural images; a ``vae`` stage re-measures it on the sites' data.
     info = json.loads(path.with_suffix(".json").read_text())
-    vae.register_to_config(scaling_factor=float(1.0 / info["latent_std"]))
+    if "latent_channel_mean" in info and "latent_channel_std" in info:
+        # Per-channel zero mean and unit variance, as EDM2 normalises SD's latents, baked
+        # into the autoencoder's 1x1 convolutions (the diffusers layout keeps only a scalar
+        # scale): see normalize_latent_channels.
+        normalize_latent_channels(vae, torch.tensor(info["latent_channel_mean"]),
+                                  torch.tensor(info["latent_channel_std"]))
+    else:  # the latent scale as Stable Diffusion sets it (1 / std of the latents)
+        vae.register_to_config(scaling_factor=float(1.0 / info["latent_std"]))
     return True
+
+
+@torch.no_grad()
+def normalize_latent_channels(vae: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Re-parametrise ``vae`` so that its latents are ``(z - mean) / std`` per channel, and
+    set its ``scaling_factor`` to 1.
+
+    The shipped autoencoder's raw latents sit at per-channel offsets of 1-3.5 with spreads
+    of 0.6-1.5 (held-out procedural images); one scalar scale leaves medical images' latents
+    at means near +-1 and a spread of 0.14-0.5 per channel, so the diffusion model saw a
+    signal a third of the size its noise schedule assumes. The encoder's last 1x1
+    convolution (``quant_conv``: mean and log-variance) and the decoder's first
+    (``post_quant_conv``) absorb the affine map exactly: encode-decode is unchanged, and the
+    weights stay in diffusers' ``AutoencoderKL`` layout."""
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    if q is None or pq is None:
+        raise ValueError("normalize_latent_channels needs an autoencoder with quant_conv and post_quant_conv")
+    k = mean.numel()
+    mean, std = mean.to(q.weight), std.to(q.weight)
+    if not bool((std > 0).all()):
+        raise ValueError(f"latent channel std must be positive, got {std.tolist()}")
+    q.weight[:k] /= std[:, None, None, None]
+    q.bias[:k] = (q.bias[:k] - mean) / std
+    q.bias[k:] -= 2 * torch.log(std)  # log-variance of (z - mean) / std
+    pq.bias += (pq.weight[:, :, 0, 0] @ mean)
+    pq.weight *= std[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
 
 
 def _warmup_cosine(steps: int, warmup: int) -> Any:
@@ -241,13 +273,18 @@ def pretrain(cfg: Any, *, steps: int, batch: int, lr: float, seed: int, kl_weigh
     return state, {**heldout_stats(vae, cfg.resolution, seed), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def heldout_stats(vae: torch.nn.Module, resolution: int, seed: int) -> dict[str, float]:
-    """Reconstruction MSE and latent std on 256 held-out procedural images (seed + 1)."""
+def heldout_stats(vae: torch.nn.Module, resolution: int, seed: int) -> dict[str, Any]:
+    """Reconstruction MSE and latent std on 256 held-out procedural images (seed + 1), and
+    the per-channel mean and std of the latents of 1024 more (seed + 2)."""
     held = procedural_images(256, resolution, torch.Generator().manual_seed(seed + 1))
+    more = procedural_images(1024, resolution, torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
         mean = vae.encode(held).latent_dist.mean
         mse = float((vae.decode(mean).sample - held).pow(2).mean())
-    return {"procedural_heldout_mse": round(mse, 6), "latent_std": round(float(mean.std()), 6)}
+        lat = torch.cat([vae.encode(x).latent_dist.mean for x in more.split(256)])
+    return {"procedural_heldout_mse": round(mse, 6), "latent_std": round(float(mean.std()), 6),
+            "latent_channel_mean": [round(float(v), 6) for v in lat.mean((0, 2, 3))],
+            "latent_channel_std": [round(float(v), 6) for v in lat.std((0, 2, 3))]}
 
 
 def main(argv: list[str] | None = None) -> int:
