@@ -232,8 +232,12 @@ class ContrastiveEmbedder(Embedder):
                  temperature: float = 0.1, seed: int = 0, cache_dir: Path | None = None,
                  threads: int | None = None, name: str = "contrastive",
                  max_seconds: float | None = None, proxy_weight: float = 0.0,
-                 preblur: float = 0.0):
+                 preblur: float = 0.0, device: str | torch.device = "cpu"):
         self.channels = channels
+        # where the encoder trains and embeds ("cpu", "cuda", "cuda:N"); the views' random
+        # draws stay on a CPU generator (augment), so the plan of a run does not depend on
+        # it, but the trained weights do (float arithmetic differs between devices)
+        self.device = torch.device(device)
         self.preblur = preblur
         self.proxy_weight = proxy_weight
         self.size = size
@@ -290,7 +294,7 @@ class ContrastiveEmbedder(Embedder):
             if meta.get(k) != v:
                 raise ConfigError(f"{st}: cached encoder has {k}={meta.get(k)!r}, expected {v!r}")
         self.model.load_state_dict(load_file(str(st)))
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.weights_sha256 = hashlib.sha256(st.read_bytes()).hexdigest()
         self.train_info = {k: meta[k] for k in ("train_seconds", "final_loss", "n_train", "steps_done")
                            if k in meta}
@@ -320,11 +324,13 @@ class ContrastiveEmbedder(Embedder):
             torch.manual_seed(self.seed)
             g = torch.Generator().manual_seed(self.seed)
             self.model = SmallCNN(self.channels, self.width, self.dim)
-            model = self.model
+            model = self.model.to(self.device)
             model.train()
+            x = x.to(self.device)
             # one learnable proxy per training image: every step contrasts each view against
             # all N training images (instance discrimination), not only the batch
-            proxies = nn.Parameter(F.normalize(torch.randn(x.shape[0], self.dim, generator=g), dim=1))
+            proxies = nn.Parameter(F.normalize(torch.randn(x.shape[0], self.dim, generator=g), dim=1)
+                                   .to(self.device))
             opt = torch.optim.AdamW([*model.parameters(), proxies], lr=self.lr, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr,
                                                         total_steps=self.steps, pct_start=0.1)
@@ -339,7 +345,7 @@ class ContrastiveEmbedder(Embedder):
                 if pos + bs > n:
                     perm = torch.randperm(n, generator=g)
                     pos = 0
-                idx = perm[pos:pos + bs]
+                idx = perm[pos:pos + bs].to(self.device)
                 pos += bs
                 xb = x[idx]
                 v1 = self._canon(augment.random_view(xb, g))
@@ -375,9 +381,9 @@ class ContrastiveEmbedder(Embedder):
 
     @torch.no_grad()
     def embed(self, images: Images) -> np.ndarray:
-        t = self._canon(augment.to_tensor(images, size=self.size, channels=self.channels))
-        self.model.eval()
-        outs = [self.model(t[i:i + 1024]).numpy() for i in range(0, t.shape[0], 1024)]
+        t = self._canon(augment.to_tensor(images, size=self.size, channels=self.channels).to(self.device))
+        self.model.to(self.device).eval()
+        outs = [self.model(t[i:i + 1024]).float().cpu().numpy() for i in range(0, t.shape[0], 1024)]
         return l2n(np.concatenate(outs)) if outs else np.zeros((0, self.dim), np.float32)
 
 

@@ -777,6 +777,26 @@ def part_audit(ctx: dict) -> dict:
                 "s_per_step_total_median": statistics.median(a + s for a, s in zip(aug_t, step_t, strict=True)),
                 "loss_finite": all(math.isfinite(v) for v in losses)}
 
+    # (d) the audit's own ContrastiveEmbedder with device = the GPU ([audit] device)
+    if dev.type == "cuda" and "device" in sig.parameters:
+        try:
+            # 10x the steps of (a): the first steps carry CUDA's one-off start-up (a site's
+            # audit trains 120-300 steps, so the steady state is what it sees)
+            e = embedders.ContrastiveEmbedder(channels=3, steps=steps * 10, batch_size=bs, seed=0, device=dev)
+            t0 = time.perf_counter()
+            e.fit(imgs)
+            fit_wall = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            emb = e.embed(imgs[:2000])
+            out["contrastive_embedder_on_device"] = {
+                "steps": steps * 10, "batch_size": bs, "fit_wall_s": fit_wall, "train_info": e.train_info,
+                "s_per_step": e.train_info.get("train_seconds", fit_wall) / (steps * 10),
+                "embed_2000_s": time.perf_counter() - t0, "embedding_shape": list(emb.shape),
+                "embedding_finite": bool(np.isfinite(emb).all()),
+                "model_device": str(next(e.model.parameters()).device)}
+        except Exception as ex:  # noqa: BLE001
+            out["contrastive_embedder_on_device"] = {"error": f"{type(ex).__name__}: {ex}"[:400]}
+
     out["moved_by_hand"] = timed(False)
     out["moved_by_hand"]["note"] = "views by augment.random_view on the CPU, moved; embedders.info_nce on the device"
     if dev.type == "cuda":
@@ -889,6 +909,13 @@ def render_md(res: dict) -> str:
                      f"{fmt(au['moved_by_hand']['s_per_step_total_median'])} s/step "
                      f"(augmentation {fmt(au['moved_by_hand']['augment']['median_s'])} s + model step "
                      f"{fmt(au['moved_by_hand']['model_step']['median_s'])} s).")
+            ce = au.get("contrastive_embedder_on_device", {})
+            if "error" in ce:
+                L.append(f" `ContrastiveEmbedder(device=cuda)`: {ce['error']}.")
+            elif ce:
+                L.append(f" `ContrastiveEmbedder(device=cuda)` ([audit] device): {fmt(ce['s_per_step'])} s/step, "
+                         f"2000 images embedded in {fmt(ce['embed_2000_s'])} s, embeddings finite: "
+                         f"{ce['embedding_finite']}.")
             vd = au.get("views_on_device", {})
             if "error" in vd:
                 L.append(f" Views made on the device: {vd['error']}.\n")

@@ -97,3 +97,27 @@ def test_to_tensor_mixes_sizes_and_channels():
     t = augment.to_tensor(grey + rgb, size=28, channels=3)
     assert t.shape == (5, 3, 28, 28)
     assert float(t.min()) >= 0 and float(t.max()) <= 1
+
+
+def test_audit_device_setting_is_checked_and_cpu_by_default(monkeypatch):
+    """``[audit] device``: "cpu" by default; "auto" is the CPU on a machine without CUDA;
+    a GPU asked for on such a machine, or a name that is no device, is a named error."""
+    import pytest
+    from medisyn.audit.settings import AuditConfig, audit_device, make_embedders
+    from pydantic import ValidationError
+
+    from medisyn.errors import ConfigError
+
+    (ce,) = make_embedders(AuditConfig(embedders=["contrastive"]), channels=1, cache_dir=None)
+    assert ce.device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert audit_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match=r"device = 'cuda'.*no CUDA device"):
+        make_embedders(AuditConfig(embedders=["contrastive"], device="cuda"), channels=1, cache_dir=None)
+    with pytest.raises(ValidationError, match="device"):
+        AuditConfig(device="gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert audit_device("cuda:0") == "cuda:0"
+    with pytest.raises(ConfigError, match="sees 1 CUDA device"):
+        audit_device("cuda:1")
