@@ -815,6 +815,13 @@ def part_audit(ctx: dict) -> dict:
 # --------------------------------------------------------------------------- main
 
 
+def _sub_result(label: str, rec: dict, body: Any) -> str:
+    """One sentence of a part's optional sub-result: its error, its numbers, or nothing."""
+    if not rec:
+        return ""
+    return f" {label}: {rec['error'] if 'error' in rec else body(rec)}."
+
+
 def render_md(res: dict) -> str:
     """A short markdown summary of a result file."""
     L: list[str] = []
@@ -909,20 +916,14 @@ def render_md(res: dict) -> str:
                      f"{fmt(au['moved_by_hand']['s_per_step_total_median'])} s/step "
                      f"(augmentation {fmt(au['moved_by_hand']['augment']['median_s'])} s + model step "
                      f"{fmt(au['moved_by_hand']['model_step']['median_s'])} s).")
-            ce = au.get("contrastive_embedder_on_device", {})
-            if "error" in ce:
-                L.append(f" `ContrastiveEmbedder(device=cuda)`: {ce['error']}.")
-            elif ce:
-                L.append(f" `ContrastiveEmbedder(device=cuda)` ([audit] device): {fmt(ce['s_per_step'])} s/step, "
-                         f"2000 images embedded in {fmt(ce['embed_2000_s'])} s, embeddings finite: "
-                         f"{ce['embedding_finite']}.")
-            vd = au.get("views_on_device", {})
-            if "error" in vd:
-                L.append(f" Views made on the device: {vd['error']}.\n")
-            elif vd:
-                L.append(f" Views made on the device: {fmt(vd['s_per_step_total_median'])} s/step "
-                         f"(augmentation {fmt(vd['augment']['median_s'])} s + model step "
-                         f"{fmt(vd['model_step']['median_s'])} s).\n")
+            L.append(_sub_result("`ContrastiveEmbedder(device=cuda)` ([audit] device)",
+                                 au.get("contrastive_embedder_on_device", {}),
+                                 lambda r: f"{fmt(r['s_per_step'])} s/step, 2000 images embedded in "
+                                           f"{fmt(r['embed_2000_s'])} s, embeddings finite: {r['embedding_finite']}"))
+            L.append(_sub_result("Views made on the device", au.get("views_on_device", {}),
+                                 lambda r: f"{fmt(r['s_per_step_total_median'])} s/step (augmentation "
+                                           f"{fmt(r['augment']['median_s'])} s + model step "
+                                           f"{fmt(r['model_step']['median_s'])} s)") + "\n")
     errs = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
     if errs:
         L.append("## Parts that failed\n")
