@@ -735,10 +735,33 @@ def _starting_point(cfg: FederationConfig, ckpt: Checkpoint | None, metrics_path
         )
     if ckpt.config_hash != cfg.hash():
         logger.warning("resuming with a changed config (hash %s -> %s)", ckpt.config_hash[:12], cfg.hash()[:12])
+    model = GlobalModel(cfg.model, from_dir=ckpt.model_dir)
+    _check_frozen_autoencoder(cfg, model, ckpt.path)
     history = list(ckpt.metrics)
     atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
     logger.info("resuming after round %d from %s", ckpt.round, ckpt.path)
-    return GlobalModel(cfg.model, from_dir=ckpt.model_dir), history
+    return model, history
+
+
+def _check_frozen_autoencoder(cfg: FederationConfig, model: GlobalModel, where: Path) -> None:
+    """A tiny-preset run without a ``vae`` stage never sends its autoencoder: every site
+    builds it from ``[model]`` (the weights MediSyn ships, normalised per channel). A
+    checkpoint whose autoencoder is not that one (made by another MediSyn version) would
+    have the sites train on another latent space without an error: refuse it."""
+    if "vae" in cfg.stages or cfg.model.preset != "tiny":
+        return
+    import torch
+
+    fresh = GlobalModel(cfg.model, seed=cfg.seed).components
+    have = model.components.vae.state_dict()
+    same = all(k in have and torch.equal(have[k], v) for k, v in fresh.vae.state_dict().items())
+    if not same or float(model.components.scaling_factor) != float(fresh.scaling_factor):
+        raise ValueError(
+            f"cannot resume: the checkpoint's autoencoder ({where}) is not the one this MediSyn "
+            "builds for the config's [model] (the run has no vae stage, so every site builds its own "
+            "and would train on another latent space; was the checkpoint made by another version?); "
+            "start a new run_dir"
+        )
 
 
 def _publish(model: GlobalModel, run_dir: Path) -> Path:

@@ -998,3 +998,22 @@ def test_replies_from_flowers_grid_are_pulled_soon_then_less_often(monkeypatch):
     replies = fed.send_and_receive(grid, msgs, timeout=60.0)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m1", "m2"]
     assert sleeps == pytest.approx([0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375, 1.0, 1.0])
+
+
+def test_resume_refuses_a_checkpoint_whose_autoencoder_the_sites_would_not_build(tmp_path, client_app):
+    """Without a vae stage every site builds the autoencoder from [model] and the run's
+    seed. Resuming with a config under which they would build another one (here: another
+    seed for the tiny preset's random autoencoder; in the field: another MediSyn version's
+    shipped weights) is refused; the same config resumes."""
+    cfg = fed_cfg(tmp_path, stages=["unet"], sites=SITES[:2], stage_rounds={"unet": 2})
+    nodes = node_configs(tmp_path, sites=SITES[:2])
+    grid = LocalGrid(nodes, client_app)
+    grid.crash_after_sends = 1
+    with pytest.raises(KeyboardInterrupt):
+        fed.run_federation(grid, cfg)
+    assert latest_checkpoint(cfg.run_dir).round == 1
+    other = cfg.model_copy(update={"seed": cfg.seed + 1})
+    with pytest.raises(ValueError, match="checkpoint's autoencoder"):
+        fed.run_federation(LocalGrid(nodes, client_app), other, resume=True)
+    assert fed.run_federation(LocalGrid(nodes, client_app), cfg, resume=True) == fed.Outcome.DONE
+    assert [r["round"] for r in fed.iter_metrics(cfg.run_dir)] == [1, 2]
