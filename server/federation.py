@@ -750,11 +750,10 @@ def _check_frozen_autoencoder(cfg: FederationConfig, model: GlobalModel, where: 
     have the sites train on another latent space without an error: refuse it."""
     if "vae" in cfg.stages or cfg.model.preset != "tiny":
         return
-    import torch
+    from medisyn.models import state_hash
 
     fresh = GlobalModel(cfg.model, seed=cfg.seed).components
-    have = model.components.vae.state_dict()
-    same = all(k in have and torch.equal(have[k], v) for k, v in fresh.vae.state_dict().items())
+    same = state_hash(model.components.vae.state_dict()) == state_hash(fresh.vae.state_dict())
     if not same or float(model.components.scaling_factor) != float(fresh.scaling_factor):
         raise ValueError(
             f"cannot resume: the checkpoint's autoencoder ({where}) is not the one this MediSyn "
