@@ -725,91 +725,105 @@ def part_audit(ctx: dict) -> dict:
 
     # (b) does the audit's own code take CUDA tensors?
     x = augment.to_tensor(imgs, size=32, channels=3)
-    probes: dict[str, Any] = {}
-    if dev.type == "cuda":
-        for name, fn in (
-            ("info_nce_on_cuda", lambda: embedders.info_nce(torch.randn(4, 8, device=dev),
-                                                            torch.randn(4, 8, device=dev), 0.1)),
-            ("random_view_on_cuda", lambda: augment.random_view(x[:4].to(dev), torch.Generator().manual_seed(0))),
-        ):
-            try:
-                fn()
-                probes[name] = "ok"
-            except Exception as ex:  # noqa: BLE001
-                probes[name] = f"{type(ex).__name__}: {ex}"[:400]
-    else:
-        probes["skipped"] = "no CUDA device"
-    out["cuda_probes"] = probes
-
-    # (c) what a device option would buy: the same step (SmallCNN + the audit's own
-    # info_nce on the device), with the views made by the audit's augment.random_view on
-    # the CPU and moved ("views_cpu"), or made on the device from images already there
-    # ("views_device": the augmentations draw on a CPU generator and move the draws)
-    def timed(views_on_device: bool) -> dict[str, Any]:
-        torch.manual_seed(0)
-        model = embedders.SmallCNN(3, 32, 128).to(dev).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-        g = torch.Generator().manual_seed(0)
-        src = x.to(dev) if views_on_device else x
-        n = x.shape[0]
-        aug_t, step_t, losses = [], [], []
-        for i in range(steps + 2):
-            idx = torch.randint(0, n, (bs,), generator=g)
-            sync(dev)
-            t0 = time.perf_counter()
-            v1 = augment.random_view(src[idx.to(src.device)], g)
-            v2 = augment.random_view(src[idx.to(src.device)], g)
-            sync(dev)
-            ta = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            z1, z2 = model(v1.to(dev, non_blocking=True)), model(v2.to(dev, non_blocking=True))
-            loss = embedders.info_nce(z1, z2, 0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sync(dev)
-            if i >= 2:
-                aug_t.append(ta)
-                step_t.append(time.perf_counter() - t0)
-                losses.append(float(loss))
-        return {"device": str(dev), "steps": steps, "batch_size": bs,
-                "augment": summary(aug_t), "model_step": summary(step_t),
-                "s_per_step_total_median": statistics.median(a + s for a, s in zip(aug_t, step_t, strict=True)),
-                "loss_finite": all(math.isfinite(v) for v in losses)}
-
+    out["cuda_probes"] = _audit_cuda_probes(x, dev)
     # (d) the audit's own ContrastiveEmbedder with device = the GPU ([audit] device)
     if dev.type == "cuda" and "device" in sig.parameters:
         try:
-            # 10x the steps of (a): the first steps carry CUDA's one-off start-up (a site's
-            # audit trains 120-300 steps, so the steady state is what it sees)
-            e = embedders.ContrastiveEmbedder(channels=3, steps=steps * 10, batch_size=bs, seed=0, device=dev)
-            t0 = time.perf_counter()
-            e.fit(imgs)
-            fit_wall = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            emb = e.embed(imgs[:2000])
-            out["contrastive_embedder_on_device"] = {
-                "steps": steps * 10, "batch_size": bs, "fit_wall_s": fit_wall, "train_info": e.train_info,
-                "s_per_step": e.train_info.get("train_seconds", fit_wall) / (steps * 10),
-                "embed_2000_s": time.perf_counter() - t0, "embedding_shape": list(emb.shape),
-                "embedding_finite": bool(np.isfinite(emb).all()),
-                "model_device": str(next(e.model.parameters()).device)}
+            out["contrastive_embedder_on_device"] = _contrastive_embedder_on_device(imgs, dev, steps, bs)
         except Exception as ex:  # noqa: BLE001
-            out["contrastive_embedder_on_device"] = {"error": f"{type(ex).__name__}: {ex}"[:400]}
-
-    out["moved_by_hand"] = timed(False)
+            out["contrastive_embedder_on_device"] = err(ex)
+    # (c) what the device buys for one step: views made on the CPU and moved, or on the device
+    out["moved_by_hand"] = _contrastive_step_timings(x, dev, steps, bs, views_on_device=False)
     out["moved_by_hand"]["note"] = "views by augment.random_view on the CPU, moved; embedders.info_nce on the device"
     if dev.type == "cuda":
         try:
-            out["views_on_device"] = timed(True)
+            out["views_on_device"] = _contrastive_step_timings(x, dev, steps, bs, views_on_device=True)
         except Exception as ex:  # noqa: BLE001
-            out["views_on_device"] = {"error": f"{type(ex).__name__}: {ex}"[:400]}
+            out["views_on_device"] = err(ex)
     try:
         out["speedup_total_step_vs_cpu_as_shipped"] = (out["cpu_as_shipped"]["s_per_step"]
                                                        / out["moved_by_hand"]["s_per_step_total_median"])
     except Exception as ex:  # noqa: BLE001
         out["speedup_error"] = str(ex)
     return out
+
+
+def _audit_cuda_probes(x: torch.Tensor, dev: torch.device) -> dict[str, Any]:
+    """Whether the audit's own info_nce and random_view take CUDA tensors."""
+    from medisyn.audit import augment, embedders
+
+    if dev.type != "cuda":
+        return {"skipped": "no CUDA device"}
+    probes: dict[str, Any] = {}
+    for name, fn in (
+        ("info_nce_on_cuda", lambda: embedders.info_nce(torch.randn(4, 8, device=dev),
+                                                        torch.randn(4, 8, device=dev), 0.1)),
+        ("random_view_on_cuda", lambda: augment.random_view(x[:4].to(dev), torch.Generator().manual_seed(0))),
+    ):
+        try:
+            fn()
+            probes[name] = "ok"
+        except Exception as ex:  # noqa: BLE001
+            probes[name] = f"{type(ex).__name__}: {ex}"[:400]
+    return probes
+
+
+def _contrastive_embedder_on_device(imgs: list[np.ndarray], dev: torch.device, steps: int, bs: int) -> dict[str, Any]:
+    """``ContrastiveEmbedder(device=dev)`` fitted and used to embed 2,000 images. 10x the
+    steps of the CPU run: the first steps carry CUDA's one-off start-up (a site's audit
+    trains 120-300 steps, so the steady state is what it sees)."""
+    from medisyn.audit import embedders
+
+    e = embedders.ContrastiveEmbedder(channels=3, steps=steps * 10, batch_size=bs, seed=0, device=dev)
+    t0 = time.perf_counter()
+    e.fit(imgs)
+    fit_wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    emb = e.embed(imgs[:2000])
+    return {"steps": steps * 10, "batch_size": bs, "fit_wall_s": fit_wall, "train_info": e.train_info,
+            "s_per_step": e.train_info.get("train_seconds", fit_wall) / (steps * 10),
+            "embed_2000_s": time.perf_counter() - t0, "embedding_shape": list(emb.shape),
+            "embedding_finite": bool(np.isfinite(emb).all()),
+            "model_device": str(next(e.model.parameters()).device)}
+
+
+def _contrastive_step_timings(x: torch.Tensor, dev: torch.device, steps: int, bs: int, *,
+                              views_on_device: bool) -> dict[str, Any]:
+    """The audit's contrastive step (SmallCNN + embedders.info_nce on ``dev``), timed apart
+    from its views (augment.random_view: on the CPU and moved, or on the device from images
+    already there; the draws come from a CPU generator either way)."""
+    from medisyn.audit import augment, embedders
+
+    torch.manual_seed(0)
+    model = embedders.SmallCNN(3, 32, 128).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    src = x.to(dev) if views_on_device else x
+    n = x.shape[0]
+    aug_t, step_t, losses = [], [], []
+    for i in range(steps + 2):
+        idx = torch.randint(0, n, (bs,), generator=g)
+        sync(dev)
+        t0 = time.perf_counter()
+        v1 = augment.random_view(src[idx.to(src.device)], g)
+        v2 = augment.random_view(src[idx.to(src.device)], g)
+        sync(dev)
+        ta = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        z1, z2 = model(v1.to(dev, non_blocking=True)), model(v2.to(dev, non_blocking=True))
+        loss = embedders.info_nce(z1, z2, 0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(dev)
+        if i >= 2:
+            aug_t.append(ta)
+            step_t.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
+    return {"device": str(dev), "steps": steps, "batch_size": bs,
+            "augment": summary(aug_t), "model_step": summary(step_t),
+            "s_per_step_total_median": statistics.median(a + s for a, s in zip(aug_t, step_t, strict=True)),
+            "loss_finite": all(math.isfinite(v) for v in losses)}
 
 
 # --------------------------------------------------------------------------- main
