@@ -212,6 +212,17 @@ class PrivacyConfig(_Frozen):
     # expected batch of 16, 1 thread: 8 cut the DP worker's RSS from 1.2-1.5 GB to 0.95 GB
     # and made a step ~15% slower. None (the default): the whole batch at once.
     max_physical_batch: int | None = Field(default=None, ge=1)
+    # Utility under DP, not privacy (each record still adds one clipped gradient per step):
+    # - trainable: which UNet weights this site trains under DP ("all"; "attention": the
+    #   transformer blocks; "cross-attention": the text-conditioned attention only, as in
+    #   DP-LDM, Liu et al. 2023). The noise per coordinate is the same, so fewer coordinates
+    #   leave more of each record's clipped gradient on each; the rest stay as the global
+    #   model had them.
+    # - noise_multiplicity: each sampled record's loss at this many independent (t, noise)
+    #   draws, its per-draw gradients averaged *before* clipping (DPDM's noise multiplicity,
+    #   Dockhorn et al. 2023): a lower-variance per-record gradient for k x the compute.
+    trainable: Literal["all", "attention", "cross-attention"] = "all"
+    noise_multiplicity: int = Field(default=1, ge=1, le=64)
     # Site policy (medisyn.client.policy.SitePolicy): enforced by the site from its own
     # state (a counter in state_dir, floored by the ledger), whatever the server asks.
     require_dp: bool = False

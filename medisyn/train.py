@@ -594,6 +594,7 @@ class DPStepper:
             raise ConfigError("DP training needs the site's state directory for its privacy ledger")
         self.objective = objective
         self.physical = privacy.max_physical_batch
+        self.copies = privacy.noise_multiplicity
         self.session = DPSession(
             module, optimizer, TensorDataset(*objective.records), batch_size=config.batch_size, privacy=privacy,
             state_dir=Path(ledger_path), site_id=site_id, stage=stage, run_id=run_id, round=round,
@@ -624,19 +625,24 @@ class DPStepper:
                     stage: str) -> float:
         """One DP-SGD step on a Poisson batch, in parts of at most ``max_physical_batch``
         records (each part's per-record gradients clipped and summed; noise once, after the
-        last part). Returns the batch's mean loss."""
+        last part). With ``noise_multiplicity`` k each record of a part is seen k times
+        (independent t and noise) and its k gradients averaged before clipping. Returns the
+        batch's mean loss."""
         n = len(batch[0])
         size = self.physical or n
         total = 0.0
         for i in range(0, n, size):
             part = tuple(t[i:i + size] for t in batch)
+            if self.copies > 1:
+                part = tuple(t.repeat_interleave(self.copies, dim=0) for t in part)
             loss = _finite(self.objective.loss(module, part, gen), stage, step)
             loss.backward()
+            self.session.average_copies(self.copies)
             if i + size < n:
                 self.session.accumulate()
             else:
                 self.session.step()
-            total += float(loss.detach()) * len(part[0])
+            total += float(loss.detach()) * len(part[0]) / self.copies
         return total / n
 
     def close(self) -> None:
@@ -672,6 +678,26 @@ def _check_train_args(steps: int, dataset: Dataset, config: TrainConfig, privacy
             "per-sample gradients for checkpointed blocks. Set train.gradient_checkpointing = false."
         )
     return dp
+
+
+DP_SUBSETS = {"attention": (".attentions.",), "cross-attention": (".attn2.", ".norm2.")}
+
+
+def _freeze_outside_dp_subset(module: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """``[privacy] trainable``: freeze the UNet's weights outside the named subset for this
+    round; returns the parameters frozen here (train_local unfreezes them after).
+    "cross-attention": each transformer block's ``attn2`` (its queries from the image, keys
+    and values from the prompt) and the norm before it."""
+    if which == "all":
+        return []
+    marks = DP_SUBSETS[which]
+    frozen = [p for n, p in module.named_parameters()
+              if p.requires_grad and not (".attentions." in f".{n}" and any(m in f".{n}" for m in marks))]
+    if len(frozen) == sum(1 for p in module.parameters() if p.requires_grad):
+        raise ConfigError(f"[privacy] trainable = {which!r}: this model has no such weights (no cross-attention?)")
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 def _make_stepper(objective: Any, module: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
@@ -758,72 +784,77 @@ def train_local(
     gen = torch.Generator().manual_seed(seed)
 
     module = trainable_module(c, stage)
-    c.text_encoder.to(device)
-    c.vae.to(device)
-    module.to(device)
-    objective = make_objective(c, dataset, stage, config, device)
-    if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
-        module.enable_gradient_checkpointing()
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"stage {stage!r} has no trainable parameters")
-    lr = config.vae_lr if stage == "vae" else config.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    ema = EMAHook(params, config.ema_decay) if config.ema_decay else None
-    proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
-    anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
-
-    start = carried = 0
-    ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
-    if resume and ckpt is not None and (ckpt / "checkpoint.json").is_file():
-        start = _load_checkpoint(ckpt, module=module, optimizer=optimizer, gen=gen, ema=ema)
-        log.info("resumed stage %s at step %d from %s", stage, start, ckpt)
-    elif optimizer_state is not None:
-        carried = optimizer_state.load(optimizer)
-    meta = {"stage": stage, "steps": steps, "config": config.model_dump(mode="json")}
-    hooks: list[Any] = [h for h in (ema, CheckpointHook(
-        ckpt, config.checkpoint_every, steps,
-        lambda d, s: _save_checkpoint(d, step=s, module=module, optimizer=optimizer, gen=gen, ema=ema, meta=meta),
-    )) if h is not None]
-
-    stepper = _make_stepper(objective, module, optimizer, params, gen=gen, seed=seed, start=start, steps=steps,
-                            config=config, privacy=privacy if dp else None, anchor=anchor, proximal=proximal,
-                            ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
-    lr_sched = _lr_scheduler(optimizer, config, steps, start, schedule)
-
-    losses: list[float] = []
-    seen = 0
-    t0 = time.perf_counter()
-    bar = _progress(steps, start, stage, progress)
+    frozen = _freeze_outside_dp_subset(module, privacy.trainable if dp and stage == "unet" else "all")
     try:
-        for step in range(start, steps):
-            loss, n = stepper.train_step(module, step, gen, stage)
-            if loss is not None:
-                losses.append(loss)
-                seen += n
-            lr_sched.step()
-            for h in hooks:
-                h.after_step(step + 1)
-            bar.update(1)
-            if losses and step % config.log_every == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        c.text_encoder.to(device)
+        c.vae.to(device)
+        module.to(device)
+        objective = make_objective(c, dataset, stage, config, device)
+        if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+        module.train()
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"stage {stage!r} has no trainable parameters")
+        lr = config.vae_lr if stage == "vae" else config.lr
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        ema = EMAHook(params, config.ema_decay) if config.ema_decay else None
+        proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
+        anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
+
+        start = carried = 0
+        ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
+        if resume and ckpt is not None and (ckpt / "checkpoint.json").is_file():
+            start = _load_checkpoint(ckpt, module=module, optimizer=optimizer, gen=gen, ema=ema)
+            log.info("resumed stage %s at step %d from %s", stage, start, ckpt)
+        elif optimizer_state is not None:
+            carried = optimizer_state.load(optimizer)
+        meta = {"stage": stage, "steps": steps, "config": config.model_dump(mode="json")}
+        hooks: list[Any] = [h for h in (ema, CheckpointHook(
+            ckpt, config.checkpoint_every, steps,
+            lambda d, s: _save_checkpoint(d, step=s, module=module, optimizer=optimizer, gen=gen, ema=ema, meta=meta),
+        )) if h is not None]
+
+        stepper = _make_stepper(objective, module, optimizer, params, gen=gen, seed=seed, start=start, steps=steps,
+                                config=config, privacy=privacy if dp else None, anchor=anchor, proximal=proximal,
+                                ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
+        lr_sched = _lr_scheduler(optimizer, config, steps, start, schedule)
+
+        losses: list[float] = []
+        seen = 0
+        t0 = time.perf_counter()
+        bar = _progress(steps, start, stage, progress)
+        try:
+            for step in range(start, steps):
+                loss, n = stepper.train_step(module, step, gen, stage)
+                if loss is not None:
+                    losses.append(loss)
+                    seen += n
+                lr_sched.step()
+                for h in hooks:
+                    h.after_step(step + 1)
+                bar.update(1)
+                if losses and step % config.log_every == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        finally:
+            bar.close()
+            stepper.close()
+        seconds = time.perf_counter() - t0
+        if not dp and privacy is not None and ledger_path is not None and steps > start:
+            _record_non_private(privacy, Path(ledger_path), site_id, stage, run_id, round, steps - start, len(dataset))
+        if optimizer_state is not None:
+            optimizer_state.save(optimizer, carried + 1)
+        if ema is not None:
+            ema.finish()
+        module.eval()
+        metrics = _train_metrics(losses, n_records=len(dataset), steps=steps - start, seconds=seconds, seen=seen,
+                                 anchor=anchor, extra=stepper.extra)
+        if stage == "vae":
+            metrics["latent-std"] = latent_std(c, dataset, device=device)
+        return TrainResult(state=trainable_state(c, stage), metrics=metrics)
     finally:
-        bar.close()
-        stepper.close()
-    seconds = time.perf_counter() - t0
-    if not dp and privacy is not None and ledger_path is not None and steps > start:
-        _record_non_private(privacy, Path(ledger_path), site_id, stage, run_id, round, steps - start, len(dataset))
-    if optimizer_state is not None:
-        optimizer_state.save(optimizer, carried + 1)
-    if ema is not None:
-        ema.finish()
-    module.eval()
-    metrics = _train_metrics(losses, n_records=len(dataset), steps=steps - start, seconds=seconds, seen=seen,
-                             anchor=anchor, extra=stepper.extra)
-    if stage == "vae":
-        metrics["latent-std"] = latent_std(c, dataset, device=device)
-    return TrainResult(state=trainable_state(c, stage), metrics=metrics)
+        for p in frozen:  # the components are the caller's: give them back as they came
+            p.requires_grad_(True)
 
 
 def _train_metrics(losses: list[float], *, n_records: int, steps: int, seconds: float, seen: int,

@@ -347,3 +347,43 @@ def test_a_batch_stepped_in_parts_gives_the_same_update_and_one_accounted_step(t
     moved = max((after[0][n] - before[n]).abs().max().item() for n in before)
     diff = max((after[0][n] - after[1][n]).abs().max().item() for n in after[0])
     assert moved > 1e-3 and diff < 1e-5 * max(1.0, moved), (moved, diff)
+
+
+def test_average_copies_gives_each_record_the_mean_gradient_of_its_copies(tmp_path: Path) -> None:
+    """Noise multiplicity: a part holding each record k times in a row (different t and
+    noise per copy) ends with one per-sample gradient per *record*, the mean of its copies'
+    per-example gradients, so that clipping bounds each record's contribution."""
+    module = tiny_unet()
+    ds = ToyLatents(2, seed=3)
+    full = collate([ds[i] for i in range(2)])
+    k = 3
+    # records 0 and 1, each three times, each copy with its own timestep and noise row
+    batch = {"latent": full["latent"].repeat_interleave(k, 0), "text": full["text"].repeat_interleave(k, 0),
+             "t": torch.tensor([10, 500, 990, 20, 300, 700]), "rows": torch.tensor([0, 1, 2, 0, 1, 2])}
+    session = _session(module, tmp_path)
+    _fixed_unet_loss(module, batch).backward()
+    session.average_copies(k)
+    got = {n: p.grad_sample.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    session.close()
+    ref = _per_example_grads(module, _fixed_unet_loss, batch, 2 * k)
+    bad = []
+    for n, gs in got.items():
+        assert gs.shape[0] == 2, (n, gs.shape)
+        for r in range(2):
+            want = torch.stack([ref[r * k + j][n] for j in range(k)]).mean(0)
+            if (gs[r] - want).abs().max().item() > 1e-3 * want.abs().max().item() + 1e-7:
+                bad.append(n)
+    assert not bad, bad[:5]
+
+
+def test_average_copies_refuses_a_part_that_is_not_k_copies(tmp_path: Path) -> None:
+    module = tiny_unet()
+    ds = ToyLatents(3, seed=3)
+    full = collate([ds[i] for i in range(3)])
+    batch = {"latent": full["latent"], "text": full["text"], "t": torch.tensor([10, 500, 990]),
+             "rows": torch.arange(3)}
+    session = _session(module, tmp_path)
+    _fixed_unet_loss(module, batch).backward()
+    with pytest.raises(RuntimeError, match="2 copies"):
+        session.average_copies(2)
+    session.close()

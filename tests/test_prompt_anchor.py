@@ -152,3 +152,29 @@ def test_anchor_prompts_encoding_and_named_errors():
         with pytest.raises(ValueError, match=words) as e:
             P.decode_prompts(bad)
         assert P.ANCHOR_PROMPTS in str(e.value)
+
+
+def test_a_dp_site_trains_only_its_subset_with_noise_multiplicity_at_the_same_privacy_cost(tmp_path, breast_ds,
+                                                                                          tiny_cfg):
+    """[privacy] trainable = "cross-attention" and noise_multiplicity = 2: only the
+    cross-attention weights move, every weight is trainable again afterwards, and ε is that
+    of the same σ, q and steps on all weights (neither costs privacy)."""
+    from medisyn.config import PrivacyConfig
+    from medisyn.models import trainable_state
+
+    runs, moved = {}, {}
+    for name, extra in (("all", {}), ("subset", {"trainable": "cross-attention", "noise_multiplicity": 2})):
+        dp = PrivacyConfig(dp=True, noise_multiplier=1.0, max_epsilon=50.0, accountant="rdp", **extra)
+        c = build_components(tiny_cfg, seed=5)
+        before = trainable_state(c, "unet")
+        runs[name] = train_local(c, breast_ds, steps=2, config=TrainConfig(batch_size=8, ema_decay=None),
+                                 stage="unet", privacy=dp, ledger_path=tmp_path / name, site_id="s",
+                                 progress=False, anchor_prompts=OTHERS).metrics
+        after = trainable_state(c, "unet")
+        moved[name] = {k for k in before if not torch.equal(before[k], after[k])}
+        assert all(p.requires_grad for p in c.unet.parameters())
+    assert runs["subset"]["epsilon"] == runs["all"]["epsilon"]
+    assert moved["subset"] and all(".attn2." in k or ".norm2." in k for k in moved["subset"]), sorted(moved["subset"])[:5]
+    assert len(moved["all"]) > 3 * len(moved["subset"])
+    assert torch.isfinite(torch.tensor(runs["subset"]["loss"]))
+

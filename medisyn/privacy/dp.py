@@ -392,6 +392,20 @@ class DPSession:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def average_copies(self, k: int) -> None:
+        """The part just backpropagated held each record ``k`` times in a row (record-major,
+        ``repeat_interleave``): replace the per-item gradients by each record's mean over its
+        copies, so that clipping bounds each *record's* contribution (noise multiplicity)."""
+        self._check_missing()
+        if k == 1:
+            return
+        for p in self.params:
+            gs = p.grad_sample
+            if isinstance(gs, list) or gs.shape[0] % k:
+                raise RuntimeError(f"per-sample gradients of {tuple(gs.shape) if not isinstance(gs, list) else 'a list'} "
+                                   f"do not hold {k} copies of each record")
+            p.grad_sample = gs.view(gs.shape[0] // k, k, *gs.shape[1:]).mean(dim=1)
+
     def step(self) -> None:
         """Clip per-sample gradients, add noise, record the step, update, zero grads."""
         self._check_missing()
