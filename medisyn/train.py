@@ -820,26 +820,8 @@ def train_local(
                                 ledger_path=ledger_path, site_id=site_id, run_id=run_id, round=round, stage=stage)
         lr_sched = _lr_scheduler(optimizer, config, steps, start, schedule)
 
-        losses: list[float] = []
-        seen = 0
-        t0 = time.perf_counter()
-        bar = _progress(steps, start, stage, progress)
-        try:
-            for step in range(start, steps):
-                loss, n = stepper.train_step(module, step, gen, stage)
-                if loss is not None:
-                    losses.append(loss)
-                    seen += n
-                lr_sched.step()
-                for h in hooks:
-                    h.after_step(step + 1)
-                bar.update(1)
-                if losses and step % config.log_every == 0:
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        finally:
-            bar.close()
-            stepper.close()
-        seconds = time.perf_counter() - t0
+        losses, seen, seconds = _run_steps(stepper, module, gen, lr_sched, hooks, stage=stage, start=start,
+                                           steps=steps, progress=progress, log_every=config.log_every)
         if not dp and privacy is not None and ledger_path is not None and steps > start:
             _record_non_private(privacy, Path(ledger_path), site_id, stage, run_id, round, steps - start, len(dataset))
         if optimizer_state is not None:
@@ -855,6 +837,33 @@ def train_local(
     finally:
         for p in frozen:  # the components are the caller's: give them back as they came
             p.requires_grad_(True)
+
+
+def _run_steps(stepper: PlainStepper | DPStepper, module: torch.nn.Module, gen: torch.Generator, lr_sched: Any,
+               hooks: Sequence[Any], *, stage: Stage, start: int, steps: int, progress: bool, log_every: int
+               ) -> tuple[list[float], int, float]:
+    """The loop: steps ``start`` .. ``steps`` - 1, each a stepper step, the learning-rate
+    schedule and the hooks; closes the stepper. Returns (losses, records seen, seconds)."""
+    losses: list[float] = []
+    seen = 0
+    t0 = time.perf_counter()
+    bar = _progress(steps, start, stage, progress)
+    try:
+        for step in range(start, steps):
+            loss, n = stepper.train_step(module, step, gen, stage)
+            if loss is not None:
+                losses.append(loss)
+                seen += n
+            lr_sched.step()
+            for h in hooks:
+                h.after_step(step + 1)
+            bar.update(1)
+            if losses and step % log_every == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+        stepper.close()
+    return losses, seen, time.perf_counter() - t0
 
 
 def _train_metrics(losses: list[float], *, n_records: int, steps: int, seconds: float, seen: int,

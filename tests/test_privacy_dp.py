@@ -387,3 +387,18 @@ def test_average_copies_refuses_a_part_that_is_not_k_copies(tmp_path: Path) -> N
     with pytest.raises(RuntimeError, match="2 copies"):
         session.average_copies(2)
     session.close()
+
+
+@pytest.mark.parametrize(("c", "share"), [(1e-9, 1.0), (1e9, 0.0)])
+def test_the_session_counts_the_per_record_gradients_it_clips(tmp_path: Path, c: float, share: float) -> None:
+    module = tiny_unet()
+    priv = PrivacyConfig(dp=True, noise_multiplier=1.0, max_grad_norm=c, max_epsilon=50.0, accountant="rdp")
+    session = _session(module, tmp_path, privacy=priv)
+    assert session.clipped_fraction != session.clipped_fraction  # NaN before any record
+    ds = ToyLatents(3, seed=3)
+    full = collate([ds[i] for i in range(3)])
+    batch = {"latent": full["latent"], "text": full["text"], "t": torch.tensor([10, 500, 990]), "rows": torch.arange(3)}
+    _fixed_unet_loss(module, batch).backward()
+    session.step()
+    assert session.records_seen == 3 and session.clipped_fraction == share
+    session.close()

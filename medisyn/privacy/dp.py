@@ -231,6 +231,9 @@ class DPSession:
             planned_steps=self.planned_steps,
         )
         self.steps_taken = 0
+        # per-record gradients seen and clipped (site-local: logged, never in a reply)
+        self.records_seen = 0
+        self.records_clipped = 0
         self.noise_only_steps = 0
         self._pending = 0
         self._closed = False
@@ -388,6 +391,7 @@ class DPSession:
         """Clip this part of a Poisson batch per record and add it to the step's sum:
         no noise, no update, nothing recorded (call :meth:`step` after the last part)."""
         self._check_missing()
+        self._count_clipped()
         self.optimizer.signal_skip_step(do_skip=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -409,6 +413,7 @@ class DPSession:
     def step(self) -> None:
         """Clip per-sample gradients, add noise, record the step, update, zero grads."""
         self._check_missing()
+        self._count_clipped()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -422,6 +427,21 @@ class DPSession:
                 "parameter in the forward pass, and run exactly one forward pass per step (or per part, "
                 "with accumulate)"
             )
+
+    def _count_clipped(self) -> None:
+        """Count the per-record gradients above C (the share clipped tells a site whether
+        its ``max_grad_norm`` fits its gradients: near 1, C throws signal away against the
+        same noise; near 0, C is larger than the gradients and the noise, σ·C, is larger
+        than it needs to be). Kept at the site: it depends on the records, with no DP."""
+        with torch.no_grad():
+            sq = sum(p.grad_sample.reshape(p.grad_sample.shape[0], -1).pow(2).sum(dim=1) for p in self.params)
+            self.records_seen += int(sq.shape[0])
+            self.records_clipped += int((sq > self.max_grad_norm ** 2).sum())
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Share of the per-record gradients so far whose norm was above C (NaN before any)."""
+        return self.records_clipped / self.records_seen if self.records_seen else float("nan")
 
     def noise_only_step(self) -> None:
         """The step for an empty Poisson batch: no data, only noise (still accounted)."""
@@ -485,6 +505,9 @@ class DPSession:
         """Persist the ledger and remove the Opacus hooks (idempotent)."""
         if self._closed:
             return
+        if self.records_seen:
+            logger.info("DP round: %d of %d per-record gradients (%.0f%%) were clipped at C=%g (site-local)",
+                        self.records_clipped, self.records_seen, 100 * self.clipped_fraction, self.max_grad_norm)
         try:
             self.flush()
         finally:
