@@ -802,18 +802,9 @@ def train_local(
         proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
         anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
 
-        start = carried = 0
-        ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
-        if resume and ckpt is not None and (ckpt / "checkpoint.json").is_file():
-            start = _load_checkpoint(ckpt, module=module, optimizer=optimizer, gen=gen, ema=ema)
-            log.info("resumed stage %s at step %d from %s", stage, start, ckpt)
-        elif optimizer_state is not None:
-            carried = optimizer_state.load(optimizer)
-        meta = {"stage": stage, "steps": steps, "config": config.model_dump(mode="json")}
-        hooks: list[Any] = [h for h in (ema, CheckpointHook(
-            ckpt, config.checkpoint_every, steps,
-            lambda d, s: _save_checkpoint(d, step=s, module=module, optimizer=optimizer, gen=gen, ema=ema, meta=meta),
-        )) if h is not None]
+        start, carried, hooks = _restore_and_hooks(module, optimizer, gen, ema, config=config, stage=stage, steps=steps,
+                                                   checkpoint_dir=checkpoint_dir, resume=resume,
+                                                   optimizer_state=optimizer_state)
 
         stepper = _make_stepper(objective, module, optimizer, params, gen=gen, seed=seed, start=start, steps=steps,
                                 config=config, privacy=privacy if dp else None, anchor=anchor, proximal=proximal,
@@ -837,6 +828,28 @@ def train_local(
     finally:
         for p in frozen:  # the components are the caller's: give them back as they came
             p.requires_grad_(True)
+
+
+def _restore_and_hooks(module: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator,
+                       ema: EMAHook | None, *, config: TrainConfig, stage: Stage, steps: int,
+                       checkpoint_dir: Path | None, resume: bool, optimizer_state: LocalOptimizerState | None
+                       ) -> tuple[int, int, list[Any]]:
+    """Where the round starts: a local checkpoint to resume (``resume``), else the site's
+    kept AdamW moments. Returns (first step, rounds the moments carry, the per-step hooks:
+    EMA and periodic checkpoints)."""
+    start = carried = 0
+    ckpt = Path(checkpoint_dir) / f"{stage}-latest" if checkpoint_dir else None
+    if resume and ckpt is not None and (ckpt / "checkpoint.json").is_file():
+        start = _load_checkpoint(ckpt, module=module, optimizer=optimizer, gen=gen, ema=ema)
+        log.info("resumed stage %s at step %d from %s", stage, start, ckpt)
+    elif optimizer_state is not None:
+        carried = optimizer_state.load(optimizer)
+    meta = {"stage": stage, "steps": steps, "config": config.model_dump(mode="json")}
+    hooks: list[Any] = [h for h in (ema, CheckpointHook(
+        ckpt, config.checkpoint_every, steps,
+        lambda d, s: _save_checkpoint(d, step=s, module=module, optimizer=optimizer, gen=gen, ema=ema, meta=meta),
+    )) if h is not None]
+    return start, carried, hooks
 
 
 def _run_steps(stepper: PlainStepper | DPStepper, module: torch.nn.Module, gen: torch.Generator, lr_sched: Any,

@@ -400,9 +400,9 @@ class DPSession:
         """The part just backpropagated held each record ``k`` times in a row (record-major,
         ``repeat_interleave``): replace the per-item gradients by each record's mean over its
         copies, so that clipping bounds each *record's* contribution (noise multiplicity)."""
-        self._check_missing()
         if k == 1:
             return
+        self._check_missing()
         for p in self.params:
             gs = p.grad_sample
             if isinstance(gs, list) or gs.shape[0] % k:
@@ -433,10 +433,12 @@ class DPSession:
         its ``max_grad_norm`` fits its gradients: near 1, C throws signal away against the
         same noise; near 0, C is larger than the gradients and the noise, σ·C, is larger
         than it needs to be). Kept at the site: it depends on the records, with no DP."""
-        with torch.no_grad():
-            sq = sum(p.grad_sample.reshape(p.grad_sample.shape[0], -1).pow(2).sum(dim=1) for p in self.params)
-            self.records_seen += int(sq.shape[0])
-            self.records_clipped += int((sq > self.max_grad_norm ** 2).sum())
+        with torch.no_grad():  # per-parameter norms, as Opacus takes them: no squared copy of the grads
+            norms = torch.stack([torch.linalg.vector_norm(p.grad_sample.reshape(p.grad_sample.shape[0], -1), dim=1)
+                                 for p in self.params], dim=1)
+            norms = torch.linalg.vector_norm(norms, dim=1)
+            self.records_seen += int(norms.shape[0])
+            self.records_clipped += int((norms > self.max_grad_norm).sum())
 
     @property
     def clipped_fraction(self) -> float:
