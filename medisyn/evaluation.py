@@ -109,6 +109,8 @@ class EvaluationSettings(BaseModel):
     seed: int = 0
     steps: int = Field(default=20, ge=1, le=1000)  # sampling steps
     guidance: float = Field(default=3.0, ge=0)
+    # Guidance only at noise levels sigma in (lo, hi] (medisyn.generate.generate); None: every step.
+    guidance_interval: tuple[float, float] | None = None
     scheduler: str = "dpm"
     batch_size: int = Field(default=64, ge=1)  # generation batch
     resolution: int = Field(default=32, ge=8, le=256)  # evaluation space (px, RGB, [-1, 1])
@@ -631,6 +633,10 @@ def _fidelity_and_diversity(td: TypeData, xs: torch.Tensor, ys: torch.Tensor, en
     return metrics, floors, per_label
 
 
+def _interval_text(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f" for sigma in ({interval[0]:g}, {interval[1]:g}]"
+
+
 def _generate(components: Any, prompts: list[str], s: EvaluationSettings, clock: _Clock,
               progress: Progress) -> list[Any]:
     from medisyn.generate import generate
@@ -638,10 +644,11 @@ def _generate(components: Any, prompts: list[str], s: EvaluationSettings, clock:
     if not prompts:
         return []
     progress(f"generating {s.n_per_label} image(s) for each of {len(prompts)} prompt(s) "
-             f"({s.steps} steps, guidance {s.guidance:g}, seed {s.seed})")
+             f"({s.steps} steps, guidance {s.guidance:g}{_interval_text(s.guidance_interval)}, seed {s.seed})")
     with clock("generate"):
         items = generate(components, prompts, n_per_prompt=s.n_per_label, seed=s.seed, steps=s.steps,
-                         guidance=s.guidance, scheduler=s.scheduler, batch_size=s.batch_size)
+                         guidance=s.guidance, scheduler=s.scheduler, batch_size=s.batch_size,
+                         guidance_interval=s.guidance_interval)
     n = len(items)
     progress(f"generated {n} image(s) in {clock.seconds['generate']:.1f} s "
              f"({n / max(clock.seconds['generate'], 1e-9):.2f} images/s)")

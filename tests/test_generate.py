@@ -46,3 +46,29 @@ def test_write_generated_grid_has_one_row_per_prompt(tmp_path: Path, tiny_cfg):
 
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 16 * 2, 3 * 16 * 2)
+
+
+def test_guidance_interval_switches_guidance_per_step(tiny_cfg):
+    """Guidance limited to a noise interval: covering every step is plain guidance,
+    covering none is the conditional prediction alone (guidance 1), part of the steps is
+    neither; a bad interval is a named error."""
+    import pytest
+
+    from medisyn.errors import ConfigError
+
+    c = build_components(tiny_cfg)
+    kw = {"n_per_prompt": 2, "seed": 3, "steps": 6}
+    as_array = lambda items: np.stack([np.asarray(g.image, dtype=np.int16) for g in items])  # noqa: E731
+    plain = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, **kw))
+    uncond1 = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=1.0, **kw))
+    every = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, guidance_interval=(0.0, 1e9), **kw))
+    none = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, guidance_interval=(1e8, 1e9), **kw))
+    abar = c.noise_scheduler.alphas_cumprod
+    mid = float(((1 - abar[500]) / abar[500]).sqrt())  # a sigma inside the schedule
+    part = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, guidance_interval=(0.0, mid), **kw))
+    assert np.array_equal(every, plain)
+    assert np.array_equal(none, uncond1)
+    assert not np.array_equal(plain, uncond1)
+    assert not np.array_equal(part, plain) and not np.array_equal(part, uncond1)
+    with pytest.raises(ConfigError, match="guidance interval"):
+        generate(c, ["x"], guidance=4.0, guidance_interval=(2.0, 1.0), **kw)
