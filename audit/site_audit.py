@@ -575,7 +575,8 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
     message's model and the query's sampler settings, and compare pixel by pixel.
 
     ``meta``: the query's JSON list of ``{id, prompt, seed}``; ``generation``: JSON
-    ``{steps, guidance, scheduler}``. Generation is deterministic by seed
+    ``{steps, guidance, guidance_interval, scheduler}`` (``guidance_interval`` absent or
+    null: guidance at every step). Generation is deterministic by seed
     (``medisyn.generate``: image k of a call has seed ``seed + k``), so runs of consecutive
     seeds are regenerated in one call each. An image whose mean absolute difference is
     over ``tolerance`` (8-bit levels) or whose largest difference is over ``16 ×
@@ -593,11 +594,17 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
         gen = json.loads(generation)
         steps, guidance, scheduler = int(gen["steps"]), float(gen["guidance"]), str(gen["scheduler"])
         grey_types = {str(t) for t in gen.get("grey_types", [])}
+        raw_interval = gen.get("guidance_interval")
+        if raw_interval is not None and len(raw_interval) != 2:
+            raise ValueError("guidance_interval must be [lo, hi]")
+        interval = None if raw_interval is None else (float(raw_interval[0]), float(raw_interval[1]))
     except (ValueError, KeyError, TypeError) as e:
         raise refuse(f"the images cannot be verified: the query needs a seed per image and the "
                      f"sampler settings ({type(e).__name__}: {e})") from None
-    if not (1 <= steps <= 1000 and 0 <= guidance <= 50 and scheduler in SCHEDULERS):
-        raise refuse(f"sampler settings out of range (steps {steps}, guidance {guidance}, scheduler {scheduler!r})")
+    if not (1 <= steps <= 1000 and 0 <= guidance <= 50 and scheduler in SCHEDULERS
+            and (interval is None or 0 <= interval[0] < interval[1])):
+        raise refuse(f"sampler settings out of range (steps {steps}, guidance {guidance}, "
+                     f"guidance interval {interval}, scheduler {scheduler!r})")
     items = [(str(i), np.asarray(img), p) for i, img, p in synthetic]
     for i, _, p in items:
         if i not in seeds or prompts[i] != p:
@@ -614,7 +621,8 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
         if nxt == seed + 1:
             continue
         made = generate(components, [items[k2][2] for _, k2 in run], n_per_prompt=1, seed=run[0][0],
-                        steps=steps, guidance=guidance, scheduler=scheduler, grey_types=grey_types)
+                        steps=steps, guidance=guidance, guidance_interval=interval, scheduler=scheduler,
+                        grey_types=grey_types)
         for (_, k2), g in zip(run, made, strict=True):
             sid, got, _ = items[k2]
             want = np.asarray(g.image.convert("L") if got.ndim == 2 else g.image.convert("RGB"))

@@ -62,11 +62,15 @@ import numpy as np
 import torch
 
 from medisyn.config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_INTERVAL_TEXT,
+    INTERVAL_HELP,
     DatasetConfig,
     ModelConfig,
     Stage,
     TrainConfig,
     load_dataset_config,
+    parse_interval,
     read_toml,
     validate,
 )
@@ -644,7 +648,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-rounds", type=int, default=3, help="federated VAE rounds (one long round leaves an averaged VAE that does not reconstruct: docs/quality.md)")
     ap.add_argument("--n-per-label", type=int, default=64, help="images generated per label for the evaluation")
     ap.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the evaluation")
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--guidance-interval", default=DEFAULT_INTERVAL_TEXT, metavar="LO,HI", help=INTERVAL_HELP)
     ap.add_argument("--classifier-steps", type=int, default=None,
                     help="steps of each evaluation classifier (default: medisyn.evaluation's, 300)")
     ap.add_argument("--server-opt", choices=("fedavgm", "fedadam", "cyclic"), default="fedavgm",
@@ -719,7 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = make_plan(args, len(SITES))
     texts, toml_paths = write_dataset_tomls(out, args.data_root)
     dcfgs = {s: load_dataset_config(p) for s, p in toml_paths.items()}
-    settings = make_settings(n_per_label=args.n_per_label, seed=args.seed, steps=args.sample_steps,
+    settings = make_settings({"guidance_interval": parse_interval(args.guidance_interval)},
+                             n_per_label=args.n_per_label, seed=args.seed, steps=args.sample_steps,
                              guidance=args.guidance, classifier_steps=args.classifier_steps,
                              encoder_steps=None if args.classifier_steps is None else max(1, args.classifier_steps * 4 // 3),
                              threads=args.threads, gallery_per_prompt=max(args.grid_per_label, 8))

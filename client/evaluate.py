@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 QUERY = P.QUERY_EVALUATE
 MAX_N_PER_LABEL = 1024  # what a site generates per label for one query, at most
 # settings a server may set; the rest (threads, workers) is the site's and ignored
-SERVER_SETTINGS = ("n_per_label", "seed", "steps", "guidance", "scheduler", "batch_size", "resolution",
+SERVER_SETTINGS = ("n_per_label", "seed", "steps", "guidance", "guidance_interval", "scheduler", "batch_size", "resolution",
                    "classifier_steps", "encoder_steps", "classifier_batch", "classifier_lr",
                    "classifier_width", "k", "near_duplicate_threshold", "real_fraction")
 

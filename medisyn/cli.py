@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_INTERVAL_TEXT, INTERVAL_HELP, parse_interval
 from medisyn.errors import ConfigError, MediSynError
 
 app = typer.Typer(
@@ -156,20 +157,22 @@ def generate(
     out: Annotated[Path, typer.Option("--out", help="Output folder for PNGs, sidecars and grid.png.")],
     n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 8,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 3.0,
-    guidance_interval: Annotated[str | None, typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only at noise levels sigma in (LO, HI]; default: every step.")] = None,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE,
+    guidance_interval: Annotated[str, typer.Option("--guidance-interval", metavar="LO,HI", help=INTERVAL_HELP)] = DEFAULT_INTERVAL_TEXT,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     scheduler: Annotated[str, typer.Option("--scheduler", help="dpm | ddim | ddpm")] = "dpm",
 ) -> None:
     """Generate N images per prompt; same seed, same images."""
     from medisyn.generate import generate as run_generate
-    from medisyn.generate import parse_interval, write_generated
+    from medisyn.generate import write_generated
     from medisyn.models import load_components, model_hash
 
     components = load_components(model)
+    interval = parse_interval(guidance_interval)
     items = run_generate(components, prompt, n_per_prompt=n, seed=seed, steps=steps, guidance=guidance,
-                         scheduler=scheduler, progress=True, guidance_interval=parse_interval(guidance_interval))
-    write_generated(items, out, model_hash=model_hash(model), steps=steps, guidance=guidance, scheduler=scheduler)
+                         scheduler=scheduler, progress=True, guidance_interval=interval)
+    write_generated(items, out, model_hash=model_hash(model), steps=steps, guidance=guidance,
+                    guidance_interval=interval, scheduler=scheduler)
     typer.echo(f"{len(items)} images, sidecars and grid.png in {out}")
 
 
@@ -184,8 +187,8 @@ def evaluate(
     n_per_label: Annotated[int, typer.Option("--n-per-label", help="Images generated per label.")] = 64,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Sampling steps.")] = 20,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 3.0,
-    guidance_interval: Annotated[str | None, typer.Option("--guidance-interval", metavar="LO,HI", help="Guide only at noise levels sigma in (LO, HI]; default: every step.")] = None,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE,
+    guidance_interval: Annotated[str, typer.Option("--guidance-interval", metavar="LO,HI", help=INTERVAL_HELP)] = DEFAULT_INTERVAL_TEXT,
     classifier_steps: Annotated[int | None, typer.Option("--classifier-steps", help="Steps of each classifier (default 300; the encoder CNN gets a third more).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: torch's).")] = None,
 ) -> None:
@@ -194,11 +197,11 @@ def evaluate(
     from medisyn.config import load_dataset_config
     from medisyn.evaluation import evaluate_model, make_settings
     from medisyn.evaluation_report import summary_lines, write_evaluation
-    from medisyn.generate import parse_interval
     from medisyn.models import load_components, model_hash, read_model_meta
 
-    settings = make_settings(n_per_label=n_per_label, seed=seed, steps=steps, guidance=guidance,
-                             guidance_interval=parse_interval(guidance_interval), classifier_steps=classifier_steps, threads=threads,
+    # the interval in the mapping, not as an override: None ("all") is a value here
+    settings = make_settings({"guidance_interval": parse_interval(guidance_interval)},
+                             n_per_label=n_per_label, seed=seed, steps=steps, guidance=guidance, classifier_steps=classifier_steps, threads=threads,
                              encoder_steps=None if classifier_steps is None else max(1, classifier_steps * 4 // 3))
     if not model.is_dir():
         raise ConfigError(f"--model {model}: no such directory")

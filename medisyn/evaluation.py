@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medisyn.config import DatasetConfig, validate
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DatasetConfig, validate
 from medisyn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ class EvaluationSettings(BaseModel):
     n_per_label: int = Field(default=64, ge=1, le=100_000)
     seed: int = 0
     steps: int = Field(default=20, ge=1, le=1000)  # sampling steps
-    guidance: float = Field(default=3.0, ge=0)
+    guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0)
     # Guidance only at noise levels sigma in (lo, hi] (medisyn.generate.generate); None: every step.
-    guidance_interval: tuple[float, float] | None = None
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL
     scheduler: str = "dpm"
     batch_size: int = Field(default=64, ge=1)  # generation batch
     resolution: int = Field(default=32, ge=8, le=256)  # evaluation space (px, RGB, [-1, 1])
@@ -128,6 +128,13 @@ class EvaluationSettings(BaseModel):
     # (measured: 150 steps 4.0 s on 1 thread, 7.6 s on 2, with 2 cores under load).
     classifier_threads: int | None = Field(default=1, ge=1)
     classifier_workers: int = Field(default=2, ge=1, le=64)  # classifiers trained at once
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"needs 0 <= lo < hi (noise levels sigma), got {list(v)}")
+        return v
 
 
 def make_settings(settings: EvaluationSettings | Mapping[str, Any] | None = None,

@@ -17,12 +17,14 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, parse_interval  # noqa: F401 (re-exported)
 from medisyn.errors import ConfigError
 from medisyn.models import Components, pipeline_from
 
 log = logging.getLogger(__name__)
 
 SchedulerName = Literal["dpm", "ddim", "ddpm"]
+
 
 
 @dataclass
@@ -59,12 +61,12 @@ def generate(
     n_per_prompt: int,
     seed: int = 0,
     steps: int = 25,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE,
     scheduler: str = "dpm",
     batch_size: int = 16,
     progress: bool = False,
     grey_types: set[str] | None = None,
-    guidance_interval: tuple[float, float] | None = None,
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL,
 ) -> list[Generated]:
     """Generate ``n_per_prompt`` images for every prompt, in order.
 
@@ -72,7 +74,7 @@ def generate(
     noise level sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in (lo, hi]; the other
     steps use the conditional prediction alone (Kynkaenniemi et al. 2024, "Applying
     guidance in a limited interval improves sample and distribution quality"). ``None``:
-    guidance at every step.
+    guidance at every step (the only choice when ``guidance`` <= 1).
 
     A prompt that names a grey image type (``grey_types``, default: the types the model
     was trained on whose data is grey, from ``components.image_types``) gives a
@@ -116,19 +118,6 @@ def generate(
                 im = im.convert("L").convert("RGB")
             out.append(Generated(image=im, prompt=p, seed=s, index=start + i))
     return out
-
-
-def parse_interval(text: str | None) -> tuple[float, float] | None:
-    """``"LO,HI"`` (``inf`` allowed) -> (lo, hi); ``None`` -> None; else a named error."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--guidance-interval {text!r}: expected LO,HI (two numbers, e.g. 0.5,8)") from None
-    if not 0 <= lo < hi:
-        raise ConfigError(f"--guidance-interval {text!r}: needs 0 <= LO < HI")
-    return lo, hi
 
 
 def _interval_guidance(pipe, prompts: list[str], steps: int, scale: float, interval: tuple[float, float],
@@ -185,8 +174,10 @@ def make_grid(images: list[Image.Image], ncols: int, scale: int = 2) -> Image.Im
 
 
 def write_generated(items: list[Generated], out_dir: Path, *, model_hash: str, steps: int, guidance: float,
-                    scheduler: str, grid_cols: int | None = None) -> list[Path]:
-    """Write PNGs, one JSON sidecar each, and ``grid.png`` (one row per prompt)."""
+                    guidance_interval: tuple[float, float] | None, scheduler: str,
+                    grid_cols: int | None = None) -> list[Path]:
+    """Write PNGs, one JSON sidecar each, and ``grid.png`` (one row per prompt).
+    ``guidance_interval`` None: guidance was applied at every step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -201,6 +192,7 @@ def write_generated(items: list[Generated], out_dir: Path, *, model_hash: str, s
             "scheduler": scheduler,
             "steps": steps,
             "guidance": guidance,
+            "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
             "model_hash": model_hash,
         }
         (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2))

@@ -71,7 +71,7 @@ FROZEN_STAGES = "frozen-stages"  # comma-separated stages in the FROZEN record
 AUDIT = "audit"  # the query's name, one of QUERIES
 MODEL_HASH = "model_hash"
 SYNTHETIC_META = "synthetic-meta"  # JSON list of {id, prompt, seed}
-GENERATION = "generation"  # JSON {steps, guidance, scheduler, grey_types}
+GENERATION = "generation"  # JSON {steps, guidance, guidance_interval, scheduler, grey_types}
 EVALUATION = "evaluation"  # JSON of EvaluationSettings fields
 MODEL_IMAGE_TYPES = "model-image-types"  # JSON, from the model's medisyn.json
 

@@ -18,7 +18,7 @@ Message contract (server -> site), ``query`` content:
   detection the model's ``model-config``, ``stage`` (``unet``), ``seed``,
   ``frozen-stages``/``latent-std`` as in a training message, ``synthetic-meta`` (JSON
   list of ``{id, prompt, seed}``) and ``generation`` (JSON ``{steps, guidance,
-  scheduler}``): a site regenerates (a sample of) the images from the model and their
+  guidance_interval, scheduler}``): a site regenerates (a sample of) the images from the model and their
   seeds and refuses the query if they differ (``privacy.audit_verify_sample``);
 - ``arrays``/``frozen``: the final model's trainable weights (packed, ``medisyn.protocol``);
 - ``synthetic``: ArrayRecord ``{"images": uint8 (N, H, W, C)}``.
@@ -55,6 +55,7 @@ from medisyn.server.supervisor import ExitCode, ServerSupervisor, supervise
 from pydantic import BaseModel, ConfigDict, Field
 
 from medisyn import protocol as P
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL
 from medisyn.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class AuditRequest(BaseModel):
     out_dir: Path
     n_per_prompt: int = Field(default=8, ge=1, le=10_000)
     steps: int = Field(default=25, ge=1, le=1000)
-    guidance: float = Field(default=3.0, ge=0)
+    guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0)
+    # guidance only at noise levels sigma in (lo, hi] (medisyn.generate); None: every step
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL
     scheduler: str = "dpm"
     seed: int = 0
     prompts: list[str] | None = None  # None: ask every site for its image types' prompts
@@ -196,10 +199,11 @@ def _synthetic_query(cfg: FederationConfig, req: AuditRequest, prompts: list[str
     t0 = time.time()
     grey_types = grey_types | grey_image_types(comps)
     items = generate(comps, prompts, n_per_prompt=req.n_per_prompt, seed=req.seed, steps=req.steps, grey_types=grey_types,
-                     guidance=req.guidance, scheduler=req.scheduler)
+                     guidance=req.guidance, guidance_interval=req.guidance_interval, scheduler=req.scheduler)
     syn_dir = out / "synthetic"
     shutil.rmtree(syn_dir, ignore_errors=True)
     paths = write_generated(items, syn_dir, model_hash=mhash, steps=req.steps, guidance=req.guidance,
+                            guidance_interval=req.guidance_interval,
                             scheduler=req.scheduler)
     synthetic = [(p.stem, np.asarray(g.image), g.prompt) for p, g in zip(paths, items, strict=True)]
     progress(f"generated {len(synthetic)} image(s) in {time.time() - t0:.1f} s -> {syn_dir}")
@@ -213,6 +217,8 @@ def _synthetic_query(cfg: FederationConfig, req: AuditRequest, prompts: list[str
     config: dict[str, Any] = {
         P.AUDIT: P.QUERY_COPY_DETECTION, P.MODEL_HASH: mhash, P.SYNTHETIC_META: json.dumps(rows),
         P.GENERATION: json.dumps({"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler,
+                                  "guidance_interval": (list(req.guidance_interval)
+                                                        if req.guidance_interval is not None else None),
                                   "grey_types": sorted(grey_types)}),
     }
     arrays = frozen = None

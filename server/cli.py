@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from medisyn.server.supervisor import EXIT_HELP, ExitCode
 
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_INTERVAL_TEXT, INTERVAL_HELP, parse_interval
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -79,7 +81,8 @@ def audit(
     n_per_prompt: Annotated[int, typer.Option("--n-per-prompt", "-k", min=1, help="Images generated per prompt.")] = 8,
     out: Annotated[Path | None, typer.Option("--out", help="Report directory (default RUN_DIR/audit).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = 3.0,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE,
+    guidance_interval: Annotated[str, typer.Option("--guidance-interval", metavar="LO,HI", help=INTERVAL_HELP)] = DEFAULT_INTERVAL_TEXT,
     seed: Annotated[int, typer.Option("--seed", help="First sampling seed.")] = 0,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt(s) to generate instead of asking the sites (repeatable).")] = None,
     no_model: Annotated[bool, typer.Option("--no-model", help="Do not send the model's weights to the sites (no VAE view, no membership probe).")] = False,
@@ -92,7 +95,8 @@ def audit(
 
     run = run.resolve()
     req = AuditRequest(run_dir=run, out_dir=(out or run / "audit").resolve(), n_per_prompt=n_per_prompt,
-                       steps=steps, guidance=guidance, seed=seed, prompts=prompt or None,
+                       steps=steps, guidance=guidance, guidance_interval=parse_interval(guidance_interval),
+                       seed=seed, prompts=prompt or None,
                        send_model=not no_model, timeout=timeout, max_parallel_sites=max_parallel_sites)
     raise typer.Exit(run_audit_command(req, echo=typer.echo))
 
@@ -109,7 +113,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", help="Report directory (default RUN_DIR/evaluation).")] = None,
     n_per_label: Annotated[int, typer.Option("--n-per-label", min=1, max=1024, help="Images each site generates per label.")] = 64,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Sampling steps.")] = 20,
-    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = 3.0,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE,
+    guidance_interval: Annotated[str, typer.Option("--guidance-interval", metavar="LO,HI", help=INTERVAL_HELP)] = DEFAULT_INTERVAL_TEXT,
     seed: Annotated[int, typer.Option("--seed", help="First sampling seed (also the classifiers' seed).")] = 0,
     classifier_steps: Annotated[int, typer.Option("--classifier-steps", min=1, help="Steps of each site classifier (the encoder CNN gets a third more).")] = 300,
     timeout: Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites' answers.")] = 3600.0,
@@ -121,7 +126,8 @@ def evaluate(
 
     run = run.resolve()
     req = EvaluateRequest(run_dir=run, out_dir=(out or run / "evaluation").resolve(), n_per_label=n_per_label,
-                          steps=steps, guidance=guidance, seed=seed, classifier_steps=classifier_steps,
+                          steps=steps, guidance=guidance, guidance_interval=parse_interval(guidance_interval),
+                          seed=seed, classifier_steps=classifier_steps,
                           encoder_steps=max(1, classifier_steps * 4 // 3), timeout=timeout,
                           max_parallel_sites=max_parallel_sites)
     raise typer.Exit(run_evaluate_command(req, echo=typer.echo))

@@ -54,6 +54,7 @@ from medisyn.server.supervisor import ExitCode, supervise
 from pydantic import BaseModel, ConfigDict, Field
 
 from medisyn import protocol as P
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL
 from medisyn.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class EvaluateRequest(BaseModel):
     out_dir: Path
     n_per_label: int = Field(default=64, ge=1, le=1024)
     steps: int = Field(default=20, ge=1, le=1000)
-    guidance: float = Field(default=3.0, ge=0)
+    guidance: float = Field(default=DEFAULT_GUIDANCE, ge=0)
+    # guidance only at noise levels sigma in (lo, hi] (medisyn.generate); None: every step
+    guidance_interval: tuple[float, float] | None = DEFAULT_GUIDANCE_INTERVAL
     scheduler: str = "dpm"
     seed: int = 0
     classifier_steps: int = Field(default=300, ge=1)
@@ -85,6 +88,7 @@ class EvaluateRequest(BaseModel):
     def settings(self) -> dict[str, Any]:
         return {"n_per_label": self.n_per_label, "seed": self.seed, "steps": self.steps,
                 "guidance": self.guidance, "scheduler": self.scheduler,
+                "guidance_interval": list(self.guidance_interval) if self.guidance_interval is not None else None,
                 "classifier_steps": self.classifier_steps, "encoder_steps": self.encoder_steps}
 
 
@@ -132,7 +136,8 @@ def _gallery(comps: Any, results: dict[str, dict[str, Any]], req: EvaluateReques
                 continue
             grey = {str(entry.get("image_type"))} if entry.get("channels") == 1 else set()
             items = generate(comps, [p], n_per_prompt=g, seed=req.seed + i * req.n_per_label, steps=req.steps,
-                             guidance=req.guidance, scheduler=req.scheduler, batch_size=64,
+                             guidance=req.guidance, guidance_interval=req.guidance_interval,
+                             scheduler=req.scheduler, batch_size=64,
                              grey_types=grey | grey_image_types(comps))
             per[lab] = {"prompt": p, "synthetic": [np.asarray(x.image) for x in items], "real": [],
                         "real_note": f"real images stay at site {site}"}

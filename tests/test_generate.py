@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL
 from medisyn.generate import generate, write_generated
 from medisyn.models import build_components, save_components
 
@@ -41,7 +42,7 @@ def test_cli_generate_writes_pngs_sidecars_grid(tmp_path: Path, tiny_cfg):
 def test_write_generated_grid_has_one_row_per_prompt(tmp_path: Path, tiny_cfg):
     c = build_components(tiny_cfg)
     items = generate(c, ["x", "y", "z"], n_per_prompt=2, steps=2)
-    write_generated(items, tmp_path, model_hash="h", steps=2, guidance=3.0, scheduler="dpm")
+    write_generated(items, tmp_path, model_hash="h", steps=2, guidance=3.0, guidance_interval=None, scheduler="dpm")
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
@@ -59,7 +60,7 @@ def test_guidance_interval_switches_guidance_per_step(tiny_cfg):
     c = build_components(tiny_cfg)
     kw = {"n_per_prompt": 2, "seed": 3, "steps": 6}
     as_array = lambda items: np.stack([np.asarray(g.image, dtype=np.int16) for g in items])  # noqa: E731
-    plain = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, **kw))
+    plain = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, guidance_interval=None, **kw))
     uncond1 = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=1.0, **kw))
     every = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, guidance_interval=(0.0, 1e9), **kw))
     none = as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=4.0, guidance_interval=(1e8, 1e9), **kw))
@@ -72,3 +73,48 @@ def test_guidance_interval_switches_guidance_per_step(tiny_cfg):
     assert not np.array_equal(part, plain) and not np.array_equal(part, uncond1)
     with pytest.raises(ConfigError, match="guidance interval"):
         generate(c, ["x"], guidance=4.0, guidance_interval=(2.0, 1.0), **kw)
+    # the default is the interval the sampler ships with
+    assert np.array_equal(as_array(generate(c, ["radiology, chest X-ray, normal"], **kw)),
+                          as_array(generate(c, ["radiology, chest X-ray, normal"], guidance=DEFAULT_GUIDANCE,
+                                            guidance_interval=DEFAULT_GUIDANCE_INTERVAL, **kw)))
+
+
+def test_parse_interval_names_bad_values():
+    import pytest
+
+    from medisyn.config import parse_interval
+    from medisyn.errors import ConfigError
+
+    assert parse_interval("0.5,10") == (0.5, 10.0)
+    assert parse_interval("0,inf") == (0.0, float("inf"))
+    assert parse_interval("all") is None and parse_interval(None) is None
+    for bad in ("5", "a,b", "10,0.5", "-1,2", "1,2,3", "nan,1"):
+        with pytest.raises(ConfigError, match="--guidance-interval"):
+            parse_interval(bad)
+
+
+def test_site_verifies_images_made_with_a_guidance_interval(tiny_cfg):
+    """The release audit's regeneration check reads the interval from the query's sampler
+    settings: images made with it verify; the same images claimed as guided at every step
+    (interval null) are refused, as is an interval that is not [lo, hi]."""
+    import pytest
+
+    from medisyn.audit.site_audit import AuditRefused, verify_synthetic
+
+    c = build_components(tiny_cfg)
+    prompt = "radiology, chest X-ray, normal"
+    made = generate(c, [prompt], n_per_prompt=2, seed=5, steps=4, guidance=4.0, guidance_interval=(0.5, 10.0))
+    synthetic = [(f"{k:05d}", np.asarray(g.image), g.prompt) for k, g in enumerate(made)]
+    meta = json.dumps([{"id": i, "prompt": p, "seed": g.seed} for (i, _, p), g in zip(synthetic, made, strict=True)])
+
+    def gen(interval):
+        return json.dumps({"steps": 4, "guidance": 4.0, "scheduler": "dpm", "guidance_interval": interval})
+
+    checked = verify_synthetic(c, synthetic, meta, gen([0.5, 10.0]), sample=None, tolerance=0.5)
+    assert checked
+    with pytest.raises(AuditRefused, match="not what the model makes"):
+        verify_synthetic(c, synthetic, meta, gen(None), sample=None, tolerance=0.5)
+    with pytest.raises(AuditRefused, match="cannot be verified"):
+        verify_synthetic(c, synthetic, meta, gen([0.5, 10.0, 3.0]), sample=None, tolerance=0.5)
+    with pytest.raises(AuditRefused, match="out of range"):
+        verify_synthetic(c, synthetic, meta, gen([10.0, 0.5]), sample=None, tolerance=0.5)
