@@ -22,7 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medisyn.config import ModelConfig, TrainConfig, load_dataset_config
+from medisyn.config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    ModelConfig,
+    TrainConfig,
+    load_dataset_config,
+)
 from medisyn.data import ConcatImageDataset, label_prompts, load_dataset
 from medisyn.generate import generate, make_grid
 from medisyn.models import build_components, model_hash, save_components, set_latent_scale
@@ -96,7 +102,7 @@ def main() -> None:
     ap.add_argument("--vae-minutes", type=float, default=8.0, help="CPU minutes (all threads) for stage vae")
     ap.add_argument("--unet-minutes", type=float, default=32.0, help="CPU minutes (all threads) for stage unet")
     ap.add_argument("--n", type=int, default=40, help="generated images per prompt")
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -155,7 +161,7 @@ def main() -> None:
         "vae_loss_last": vae_losses[-1], "unet_loss_first": unet_losses[0], "unet_loss_last": unet_losses[-1],
         "classifier_real_test_accuracy": real_acc,
         "recognised_per_type": per_type, "recognised_mean": overall,
-        "guidance": args.guidance, "sampling_steps": args.steps, "threads": args.threads,
+        "guidance": args.guidance, "guidance_interval": DEFAULT_GUIDANCE_INTERVAL, "sampling_steps": args.steps, "threads": args.threads,
         "model_hash": model_hash(args.out / "model"),
     }
     (args.out / "quality.json").write_text(json.dumps(result, indent=2))
