@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -602,7 +603,7 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
         raise refuse(f"the images cannot be verified: the query needs a seed per image and the "
                      f"sampler settings ({type(e).__name__}: {e})") from None
     if not (1 <= steps <= 1000 and 0 <= guidance <= 50 and scheduler in SCHEDULERS
-            and (interval is None or 0 <= interval[0] < interval[1])):
+            and (interval is None or 0 <= interval[0] < interval[1] < math.inf)):
         raise refuse(f"sampler settings out of range (steps {steps}, guidance {guidance}, "
                      f"guidance interval {interval}, scheduler {scheduler!r})")
     items = [(str(i), np.asarray(img), p) for i, img, p in synthetic]

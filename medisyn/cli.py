@@ -167,8 +167,8 @@ def generate(
     from medisyn.generate import write_generated
     from medisyn.models import load_components, model_hash
 
+    interval = parse_interval(guidance_interval)  # a bad value fails before the model loads
     components = load_components(model)
-    interval = parse_interval(guidance_interval)
     items = run_generate(components, prompt, n_per_prompt=n, seed=seed, steps=steps, guidance=guidance,
                          scheduler=scheduler, progress=True, guidance_interval=interval)
     write_generated(items, out, model_hash=model_hash(model), steps=steps, guidance=guidance,

@@ -45,16 +45,17 @@ DEFAULT_INTERVAL_TEXT = interval_text(DEFAULT_GUIDANCE_INTERVAL)
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:
-    """``"LO,HI"`` (``inf`` allowed) -> (lo, hi); ``"all"`` or ``None`` -> None (guidance
-    at every step); else a named error."""
+    """``"LO,HI"`` -> (lo, hi); ``"all"`` or ``None`` -> None (guidance at every step);
+    else a named error. Finite bounds only: the interval travels in JSON (the audit
+    query, reports), which has no infinity."""
     if text is None or text.strip().lower() == "all":
         return None
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise ConfigError(f"--guidance-interval {text!r}: expected LO,HI (two numbers, e.g. 0.5,10) or all") from None
-    if not 0 <= lo < hi:
-        raise ConfigError(f"--guidance-interval {text!r}: needs 0 <= LO < HI")
+    if not 0 <= lo < hi < math.inf:
+        raise ConfigError(f"--guidance-interval {text!r}: needs finite 0 <= LO < HI ('all': every step)")
     return lo, hi
 
 

@@ -132,7 +132,7 @@ class EvaluationSettings(BaseModel):
     @field_validator("guidance_interval")
     @classmethod
     def _interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not 0 <= v[0] < v[1]:
+        if v is not None and not 0 <= v[0] < v[1] < math.inf:
             raise ValueError(f"needs 0 <= lo < hi (noise levels sigma), got {list(v)}")
         return v
 

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 SchedulerName = Literal["dpm", "ddim", "ddpm"]
 
 
-
 @dataclass
 class Generated:
     image: Image.Image
@@ -84,8 +83,8 @@ def generate(
         raise ConfigError(f"n must be >= 1, got {n_per_prompt}")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
-    if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
-        raise ConfigError(f"guidance interval must be 0 <= lo < hi, got {guidance_interval}")
+    if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1] < math.inf:
+        raise ConfigError(f"guidance interval must be finite 0 <= lo < hi, got {guidance_interval}")
     device = next(components.unet.parameters()).device
     grey = grey_types if grey_types is not None else grey_image_types(components)
     pipe = pipeline_from(components, scheduler=sampling_scheduler(components, scheduler))
@@ -126,7 +125,9 @@ def _interval_guidance(pipe, prompts: list[str], steps: int, scale: float, inter
 
     A step-end callback switches the pipeline between guided steps (the batch doubled with
     the empty prompt's embedding) and conditional-only ones; diffusers reads the guidance
-    scale and the embeddings afresh at every step."""
+    scale and the embeddings afresh at every step (its own "dynamic classifier-free
+    guidance" callback sets ``_guidance_scale`` the same way; tests/test_generate.py checks
+    that a full interval is plain guidance bit for bit, so a diffusers change shows)."""
     pipe.scheduler.set_timesteps(steps, device=device)
     ts = [int(t) for t in pipe.scheduler.timesteps]
     abar = pipe.scheduler.alphas_cumprod

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL
 from medisyn.generate import generate, write_generated
@@ -53,8 +54,6 @@ def test_guidance_interval_switches_guidance_per_step(tiny_cfg):
     """Guidance limited to a noise interval: covering every step is plain guidance,
     covering none is the conditional prediction alone (guidance 1), part of the steps is
     neither; a bad interval is a named error."""
-    import pytest
-
     from medisyn.errors import ConfigError
 
     c = build_components(tiny_cfg)
@@ -80,15 +79,12 @@ def test_guidance_interval_switches_guidance_per_step(tiny_cfg):
 
 
 def test_parse_interval_names_bad_values():
-    import pytest
-
     from medisyn.config import parse_interval
     from medisyn.errors import ConfigError
 
     assert parse_interval("0.5,10") == (0.5, 10.0)
-    assert parse_interval("0,inf") == (0.0, float("inf"))
     assert parse_interval("all") is None and parse_interval(None) is None
-    for bad in ("5", "a,b", "10,0.5", "-1,2", "1,2,3", "nan,1"):
+    for bad in ("5", "a,b", "10,0.5", "-1,2", "1,2,3", "nan,1", "0,inf"):
         with pytest.raises(ConfigError, match="--guidance-interval"):
             parse_interval(bad)
 
@@ -97,8 +93,6 @@ def test_site_verifies_images_made_with_a_guidance_interval(tiny_cfg):
     """The release audit's regeneration check reads the interval from the query's sampler
     settings: images made with it verify; the same images claimed as guided at every step
     (interval null) are refused, as is an interval that is not [lo, hi]."""
-    import pytest
-
     from medisyn.audit.site_audit import AuditRefused, verify_synthetic
 
     c = build_components(tiny_cfg)
@@ -118,3 +112,20 @@ def test_site_verifies_images_made_with_a_guidance_interval(tiny_cfg):
         verify_synthetic(c, synthetic, meta, gen([0.5, 10.0, 3.0]), sample=None, tolerance=0.5)
     with pytest.raises(AuditRefused, match="out of range"):
         verify_synthetic(c, synthetic, meta, gen([10.0, 0.5]), sample=None, tolerance=0.5)
+
+
+def test_cli_names_a_bad_guidance_interval(tmp_path: Path, tiny_cfg):
+    """A bad --guidance-interval is a named config error (exit 2), not a traceback; "all"
+    samples with guidance at every step and the sidecar says so."""
+    save_components(build_components(tiny_cfg), tmp_path / "m")
+    base = [sys.executable, "-m", "medisyn.cli", "generate", "--model", str(tmp_path / "m"), "--prompt", "a",
+            "--n", "1", "--steps", "2"]
+    bad = subprocess.run(base + ["--out", str(tmp_path / "g"), "--guidance-interval", "10,0.5"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--guidance-interval '10,0.5'" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "g").exists()
+    ok = subprocess.run(base + ["--out", str(tmp_path / "h"), "--guidance-interval", "all"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    side = json.loads(next((tmp_path / "h").glob("00000-*.json")).read_text())
+    assert side["guidance_interval"] is None and side["guidance"] == DEFAULT_GUIDANCE
