@@ -168,6 +168,8 @@ def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
     r = json.loads((out / "evaluation.json").read_text())
     assert r["model_hash"] == model_hash(tiny_model_dir) and r["seed"] == 7
     assert r["settings"]["n_per_label"] == 6 and r["encoder"] == "type-label"
+    # the sampler's default is stated: guidance and the noise interval it applies in
+    assert r["settings"]["guidance"] == 4.0 and r["settings"]["guidance_interval"] == [0.5, 10.0]
     assert len(r["datasets"]) == 2 and all(len(d["data_hashes"][0]) == 64 for d in r["datasets"])
     t = r["timings"]
     assert t["images_generated"] == 24 and t["total_seconds"] > 0 and t["generate_seconds"] > 0
@@ -186,6 +188,7 @@ def test_evaluate_cli_end_to_end(tiny_model_dir, tmp_path):
     page = (out / "evaluation.html").read_text()
     assert page.count("data:image/png;base64,") >= 8 and "<svg" in page
     assert "real training images" in page and "Train on synthetic" in page
+    assert "guidance 4.0 at noise levels sigma in (0.5, 10]" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
 
 
