@@ -201,7 +201,8 @@ def evaluate(
 
     # the interval in the mapping, not as an override: None ("all") is a value here
     settings = make_settings({"guidance_interval": parse_interval(guidance_interval)},
-                             n_per_label=n_per_label, seed=seed, steps=steps, guidance=guidance, classifier_steps=classifier_steps, threads=threads,
+                             n_per_label=n_per_label, seed=seed, steps=steps, guidance=guidance,
+                             classifier_steps=classifier_steps, threads=threads,
                              encoder_steps=None if classifier_steps is None else max(1, classifier_steps * 4 // 3))
     if not model.is_dir():
         raise ConfigError(f"--model {model}: no such directory")
