@@ -28,8 +28,8 @@ from medisyn.errors import ConfigError
 # evaluation): classifier-free guidance at scale 4, applied only at noise levels sigma in
 # (0.5, 10] (Kynkaenniemi et al. 2024). Measured on the central reference model against
 # guidance 3 at every step: breast ultrasound KID 0.156 -> 0.094 (floor 0.038), chest X-ray
-# 0.140 -> 0.043, fundus 0.059 -> 0.036, dermoscopy 0.218 -> 0.147, label alignment and TSTR
-# within 0.05 (docs/quality.md, "Guidance in an interval").
+# 0.140 -> 0.043, fundus 0.059 -> 0.036, dermoscopy 0.218 -> 0.147; label alignment at most
+# 0.06x lower, TSTR 0.01x lower or higher (docs/quality.md, "Now: guidance in an interval").
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_GUIDANCE_INTERVAL: tuple[float, float] | None = (0.5, 10.0)
 INTERVAL_HELP = ("Guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (LO, HI]; "
