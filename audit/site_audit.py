@@ -47,7 +47,7 @@ from medisyn.audit.settings import AuditConfig, cpu_threads, load_site
 from medisyn.audit.validate import run_validation
 from PIL import Image
 
-from medisyn.config import SiteConfig, config_hash
+from medisyn.config import SiteConfig, config_hash, interval_ok
 from medisyn.errors import DataError, MediSynError
 
 log = logging.getLogger(__name__)
@@ -547,7 +547,6 @@ def site_privacy(site: SiteConfig) -> SitePrivacy:
     is reported as ``epsilon = None`` with ``dp = False``). A site without a ledger that has
     DP on has spent nothing (ε = 0); one with DP off trained without DP (ε = ∞).
     """
-    import math
 
     from medisyn.privacy.ledger import open_site_ledger
 
@@ -603,7 +602,7 @@ def verify_synthetic(components: Any, synthetic: Sequence[Synthetic], meta: str,
         raise refuse(f"the images cannot be verified: the query needs a seed per image and the "
                      f"sampler settings ({type(e).__name__}: {e})") from None
     if not (1 <= steps <= 1000 and 0 <= guidance <= 50 and scheduler in SCHEDULERS
-            and (interval is None or 0 <= interval[0] < interval[1] < math.inf)):
+            and interval_ok(interval)):
         raise refuse(f"sampler settings out of range (steps {steps}, guidance {guidance}, "
                      f"guidance interval {interval}, scheduler {scheduler!r})")
     items = [(str(i), np.asarray(img), p) for i, img, p in synthetic]

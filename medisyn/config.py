@@ -44,6 +44,16 @@ def interval_text(interval: tuple[float, float] | None) -> str:
 DEFAULT_INTERVAL_TEXT = interval_text(DEFAULT_GUIDANCE_INTERVAL)
 
 
+def interval_ok(interval: tuple[float, float] | None) -> bool:
+    """None (every step), or finite 0 <= lo < hi: the one rule every reader of an interval applies."""
+    return interval is None or (len(interval) == 2 and 0 <= interval[0] < interval[1] < math.inf)
+
+
+def describe_interval(interval: tuple[float, float] | list[float] | None) -> str:
+    """Where guidance applies, for logs and reports."""
+    return "at every step" if interval is None else f"at noise levels sigma in ({interval[0]:g}, {interval[1]:g}]"
+
+
 def parse_interval(text: str | None) -> tuple[float, float] | None:
     """``"LO,HI"`` -> (lo, hi); ``"all"`` or ``None`` -> None (guidance at every step);
     else a named error. Finite bounds only: the interval travels in JSON (the audit
@@ -54,7 +64,7 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
         raise ConfigError(f"--guidance-interval {text!r}: expected LO,HI (two numbers, e.g. 0.5,10) or all") from None
-    if not 0 <= lo < hi < math.inf:
+    if not interval_ok((lo, hi)):
         raise ConfigError(f"--guidance-interval {text!r}: needs finite 0 <= LO < HI ('all': every step)")
     return lo, hi
 

@@ -49,7 +49,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DatasetConfig, validate
+from medisyn.config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
+    DatasetConfig,
+    describe_interval,
+    interval_ok,
+    validate,
+)
 from medisyn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -132,7 +139,7 @@ class EvaluationSettings(BaseModel):
     @field_validator("guidance_interval")
     @classmethod
     def _interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not 0 <= v[0] < v[1] < math.inf:
+        if not interval_ok(v):
             raise ValueError(f"needs 0 <= lo < hi (noise levels sigma), got {list(v)}")
         return v
 
@@ -640,10 +647,6 @@ def _fidelity_and_diversity(td: TypeData, xs: torch.Tensor, ys: torch.Tensor, en
     return metrics, floors, per_label
 
 
-def _interval_text(interval: tuple[float, float] | None) -> str:
-    return "" if interval is None else f" for sigma in ({interval[0]:g}, {interval[1]:g}]"
-
-
 def _generate(components: Any, prompts: list[str], s: EvaluationSettings, clock: _Clock,
               progress: Progress) -> list[Any]:
     from medisyn.generate import generate
@@ -651,7 +654,7 @@ def _generate(components: Any, prompts: list[str], s: EvaluationSettings, clock:
     if not prompts:
         return []
     progress(f"generating {s.n_per_label} image(s) for each of {len(prompts)} prompt(s) "
-             f"({s.steps} steps, guidance {s.guidance:g}{_interval_text(s.guidance_interval)}, seed {s.seed})")
+             f"({s.steps} steps, guidance {s.guidance:g} {describe_interval(s.guidance_interval)}, seed {s.seed})")
     with clock("generate"):
         items = generate(components, prompts, n_per_prompt=s.n_per_label, seed=s.seed, steps=s.steps,
                          guidance=s.guidance, scheduler=s.scheduler, batch_size=s.batch_size,

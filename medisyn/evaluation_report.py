@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from medisyn.config import describe_interval
+
 # (key, column title, pairs with: floor | another metric key, number format)
 SUMMARY_COLUMNS: list[tuple[str, str, str | None, str]] = [
     ("type_recognised", "type recognised", "floor", "{:.2f}"),
@@ -221,9 +223,7 @@ def render_html(result: Mapping[str, Any], gallery: Mapping[str, Any] | None = N
         ("model hash", result.get("model_hash")),
         ("seed", result.get("seed")),
         ("generation", f'{s.get("n_per_label")} images per label, {s.get("steps")} {s.get("scheduler")} steps, '
-                       f'guidance {s.get("guidance")}'
-                       + (f' at noise levels sigma in ({s["guidance_interval"][0]:g}, {s["guidance_interval"][1]:g}]'
-                          if s.get("guidance_interval") else " at every step")),
+                       f'guidance {s.get("guidance")} {describe_interval(s.get("guidance_interval"))}'),
         ("classifiers", f'small CNN (width {s.get("classifier_width")}), {s.get("classifier_steps")} steps '
                         f'(encoder {s.get("encoder_steps")}), batch {s.get("classifier_batch")} label-balanced, '
                         f'lr {s.get("classifier_lr")}, horizontal flips where [dataset].hflip allows them, '

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, parse_interval  # noqa: F401 (re-exported)
+from medisyn.config import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, interval_ok, parse_interval  # noqa: F401 (re-exported)
 from medisyn.errors import ConfigError
 from medisyn.models import Components, pipeline_from
 
@@ -83,7 +83,7 @@ def generate(
         raise ConfigError(f"n must be >= 1, got {n_per_prompt}")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
-    if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1] < math.inf:
+    if not interval_ok(guidance_interval):
         raise ConfigError(f"guidance interval must be finite 0 <= lo < hi, got {guidance_interval}")
     device = next(components.unet.parameters()).device
     grey = grey_types if grey_types is not None else grey_image_types(components)
