@@ -545,13 +545,15 @@ def table(study: dict[str, Any], type_names: Sequence[str]) -> str:
             lines.append(
                 f"| {t} | {arm}: {ARMS[arm]} | {_f(m.get('type_recognised'))} ({_f(f.get('type_recognised'))}) | "
                 f"{_f(m.get('label_alignment'))} ({_f(real)}) | {_f(ratio)} ({_f(tstr)}, {_f(real)}) | "
-                f"{_f(m.get('kid'), '{:.3g}')} ({_f(f.get('kid'), '{:.3g}')}) |")
+                f"{_f(m.get('kid'), '{:.3g}')}{'' if m.get('kid_se') is None else ' ± ' + _f(m['kid_se'], '{:.2g}')}"
+                f" ({_f(f.get('kid'), '{:.3g}')}) |")
     return "\n".join(lines)
 
 
 def comparisons(study: dict[str, Any], type_names: Sequence[str]) -> dict[str, Any]:
     """Per pair of arms and table metric: the types where the first arm is at least as good
-    (KID: lower is better)."""
+    (KID: lower is better); for KID also the types where the difference is beyond twice
+    its combined jackknife error (``kid_se``: the two models differ, not the draws)."""
     out: dict[str, Any] = {}
     pairs = (("b", "c", "federated generalist vs specialist"), ("a", "c", "central vs specialist"),
              ("d", "c", "federated DP vs specialist (no DP)"), ("d", "b", "federated DP vs federated"),
@@ -577,8 +579,24 @@ def comparisons(study: dict[str, Any], type_names: Sequence[str]) -> dict[str, A
                     better.append(t)
             per_metric[k] = {"types_at_least_as_good": at_least, "types_better": better,
                              "n_types_compared": compared}
+        per_metric["kid"].update(kid_beyond_noise(ex, ey, type_names))
         out[f"{x}_vs_{y}"] = {"what": what, **per_metric}
     return out
+
+
+def kid_beyond_noise(ex: dict[str, Any], ey: dict[str, Any], type_names: Sequence[str]) -> dict[str, list[str]]:
+    """The types whose KID differs by more than 2 sqrt(se_x² + se_y²) between two arms."""
+    better, worse = [], []
+    for t in type_names:
+        mx, my = (ex.get(t) or {}).get("metrics", {}), (ey.get(t) or {}).get("metrics", {})
+        if any(v is None for v in (mx.get("kid"), my.get("kid"), mx.get("kid_se"), my.get("kid_se"))):
+            continue
+        gap = 2 * math.hypot(mx["kid_se"], my["kid_se"])
+        if mx["kid"] < my["kid"] - gap:
+            better.append(t)
+        elif mx["kid"] > my["kid"] + gap:
+            worse.append(t)
+    return {"types_better_beyond_2se": better, "types_worse_beyond_2se": worse}
 
 
 def write_grids(galleries: dict[str, dict[str, dict[str, Any]]], dcfgs: dict[str, DatasetConfig], out: Path,

@@ -145,7 +145,13 @@ def _cell(entry: Mapping[str, Any], key: str, pair: str | None, f: str) -> str:
     v = entry.get("metrics", {}).get(key)
     r = _ref(entry, key, pair)
     ref = "" if pair is None else f'<br><span class="ref">{PAIR_NAMES.get(pair, pair)} {_fmt(r, f)}</span>'
-    return f"<td>{_fmt(v, f)}{ref}</td>"
+    return f"<td>{_fmt(v, f)}{_se(entry.get('metrics', {}), key, f)}{ref}</td>"
+
+
+def _se(metrics: Mapping[str, Any], key: str, f: str) -> str:
+    """`` ± se`` where the metric has a standard error (KID: ``kid_se``)."""
+    se = metrics.get(f"{key}_se")
+    return "" if se is None or metrics.get(key) is None else f" ± {_fmt(se, f)}"
 
 
 def _summary_table(types: Mapping[str, Any]) -> str:
@@ -317,6 +323,8 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
         for k in ("precision", "recall", "fd"):
             if m.get(k) is not None:
                 parts.append(f"{k} {_fmt(m[k], '{:.2f}' if k != 'fd' else '{:.3g}')} (floor {_fmt(f.get(k), '{:.2f}' if k != 'fd' else '{:.3g}')})")
+        if m.get("kid") is not None:
+            parts.append(f"KID {_fmt(m['kid'])}{_se(m, 'kid', '{:.2g}')} (floor {_fmt(f.get('kid'))})")
         if m.get("near_duplicate_rate") is not None:
             parts.append(f"near-dup {_fmt(m['near_duplicate_rate'], '{:.2f}')}")
         out.append(f"{name}: " + ", ".join(parts) if parts else f"{name}: no metrics")

@@ -94,6 +94,40 @@ def test_metrics_identical_and_disjoint_sets_have_known_answers():
     assert prdc(a[:5], c[:5], k=5)["precision"] is None and frechet_distance(a[:1], c) is None
 
 
+def test_kid_standard_error_is_the_jackknife_and_predicts_the_spread_between_draws():
+    from medisyn.evaluation import fidelity, kernel_distance_se
+
+    rng = np.random.default_rng(1)
+
+    def kid_mean_form(x, y):  # the all-cross-pairs form each leave-one-out value uses
+        d = x.shape[1]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        n, m = len(x), len(y)
+        return ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                - 2 * kxy.mean())
+
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(30, 6)) + 0.5
+    # the closed form equals the jackknife written out: leave each row of each set out
+    loo_a = np.array([kid_mean_form(np.delete(a, i, 0), b) for i in range(len(a))])
+    loo_b = np.array([kid_mean_form(a, np.delete(b, j, 0)) for j in range(len(b))])
+    var = (len(a) - 1) / len(a) * ((loo_a - loo_a.mean()) ** 2).sum() \
+        + (len(b) - 1) / len(b) * ((loo_b - loo_b.mean()) ** 2).sum()
+    assert kernel_distance_se(a, b) == pytest.approx(np.sqrt(var), rel=1e-9)
+    # what it promises: the spread of KID between independent draws of the same two
+    # distributions (here 200 pairs of draws; the mean jackknife error within 30% of it)
+    kids, ses = [], []
+    for _ in range(200):
+        x, y = rng.normal(size=(64, 6)), rng.normal(size=(64, 6)) + 0.3
+        f = fidelity(x, y)
+        kids.append(f["kid"])
+        ses.append(f["kid_se"])
+    assert np.mean(ses) == pytest.approx(np.std(kids), rel=0.3)
+    # more images, a smaller error; too few rows: None
+    big = kernel_distance_se(rng.normal(size=(512, 6)), rng.normal(size=(512, 6)) + 0.3)
+    assert big < 0.5 * np.mean(ses)
+    assert kernel_distance_se(a[:2], b) is None
+
+
 def test_near_duplicates_and_balanced_accuracy():
     from medisyn.evaluation import balanced_accuracy, near_duplicate_rate
 
@@ -445,3 +479,19 @@ def test_fidelity_floor_has_the_synthetic_label_mix():
     random_floor = fidelity(embed(enc, td.x_hold), embed(enc, x_train[_subset(200, 32, 0)]))["kid"]
     assert metrics["kid"] == pytest.approx(floors["kid"], rel=0.5)
     assert abs(random_floor) < 0.2 * metrics["kid"]
+
+
+def test_study_counts_a_kid_difference_only_beyond_twice_the_combined_error():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", Path(__file__).resolve().parents[1] / "bench" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    x = {"A": {"metrics": {"kid": 0.10, "kid_se": 0.03}}, "B": {"metrics": {"kid": 0.10, "kid_se": 0.03}},
+         "C": {"metrics": {"kid": 0.90, "kid_se": 0.10}}, "D": {"metrics": {"kid": 0.2}}}
+    y = {"A": {"metrics": {"kid": 0.30, "kid_se": 0.04}},   # gap 0.20 > 2 * 0.05: x better
+         "B": {"metrics": {"kid": 0.18, "kid_se": 0.04}},   # gap 0.08 < 0.10: the draws, not the models
+         "C": {"metrics": {"kid": 0.50, "kid_se": 0.05}},   # 0.40 > 2 * 0.112: x worse
+         "D": {"metrics": {"kid": 0.9, "kid_se": 0.01}}}    # no error for x: not judged
+    assert study.kid_beyond_noise(x, y, ["A", "B", "C", "D"]) == {
+        "types_better_beyond_2se": ["A"], "types_worse_beyond_2se": ["C"]}
