@@ -141,6 +141,39 @@ def resolve_noise_multiplier(
     )
 
 
+def _checked_session_args(module: nn.Module, dataset: Dataset, privacy: PrivacyConfig, *, planned_steps: int,
+                          persist_every: int, ledger: PrivacyLedger | None, state_dir: os.PathLike[str] | str | None,
+                          site_id: str | None) -> tuple[PrivacyLedger, int]:
+    """:class:`DPSession`'s arguments checked before anything is touched; returns the
+    site's ledger (``ledger``, or opened from ``state_dir`` and ``site_id``) and the
+    number of records."""
+    if not privacy.dp:
+        raise ConfigError("DPSession needs [privacy] dp = true")
+    if planned_steps < 1:
+        raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
+    if persist_every < 1:
+        raise ValueError("persist_every must be >= 1")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < 1:
+        raise DataError("the site's training set is empty; nothing to train under DP")
+    gc = gradient_checkpointing_modules(module)
+    if gc:
+        raise ConfigError(
+            "DP-SGD cannot run with gradient checkpointing: it breaks Opacus's "
+            f"per-sample gradients (on in: {', '.join(gc[:5])}). Set "
+            "[train] gradient_checkpointing = false (or use LoRA / a smaller batch)."
+        )
+    if ledger is None:
+        if state_dir is None or site_id is None:
+            raise ConfigError(
+                "DPSession needs the site's ledger: pass ledger=, or state_dir= and site_id="
+            )
+        ledger = open_site_ledger(state_dir, site_id, privacy, n_records=n)
+    elif site_id is not None and site_id != ledger.site_id:
+        raise ConfigError(f"site_id {site_id!r} does not match the ledger's {ledger.site_id!r}")
+    return ledger, n
+
+
 class DPSession:
     """DP-SGD for one local round of one stage. See the module docstring."""
 
@@ -176,30 +209,9 @@ class DPSession:
         # Called after the noise, before the update: may add gradients of a *public* term
         # (no private data in it), e.g. medisyn.train.PromptAnchorHook on procedural inputs.
         self.after_noise: Callable[[], None] | None = None
-        if not privacy.dp:
-            raise ConfigError("DPSession needs [privacy] dp = true")
-        if planned_steps < 1:
-            raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
-        if persist_every < 1:
-            raise ValueError("persist_every must be >= 1")
-        n = len(dataset)  # type: ignore[arg-type]
-        if n < 1:
-            raise DataError("the site's training set is empty; nothing to train under DP")
-        gc = gradient_checkpointing_modules(module)
-        if gc:
-            raise ConfigError(
-                "DP-SGD cannot run with gradient checkpointing: it breaks Opacus's "
-                f"per-sample gradients (on in: {', '.join(gc[:5])}). Set "
-                "[train] gradient_checkpointing = false (or use LoRA / a smaller batch)."
-            )
-        if ledger is None:
-            if state_dir is None or site_id is None:
-                raise ConfigError(
-                    "DPSession needs the site's ledger: pass ledger=, or state_dir= and site_id="
-                )
-            ledger = open_site_ledger(state_dir, site_id, privacy, n_records=n)
-        elif site_id is not None and site_id != ledger.site_id:
-            raise ConfigError(f"site_id {site_id!r} does not match the ledger's {ledger.site_id!r}")
+        ledger, n = _checked_session_args(module, dataset, privacy, planned_steps=planned_steps,
+                                          persist_every=persist_every, ledger=ledger, state_dir=state_dir,
+                                          site_id=site_id)
         if seed is not None and insecure_seed is None:
             logger.debug("DPSession ignores seed=%s: DP randomness comes from the OS", seed)
         self.module = module
@@ -243,22 +255,15 @@ class DPSession:
 
         self._attach_opacus(module, optimizer, dataset, n, collate_fn=collate_fn, num_workers=num_workers,
                             insecure_seed=insecure_seed)
+        self._log_round()
+
+    def _log_round(self) -> None:
         logger.info(
             "DP round: site=%s stage=%s run=%s round=%d σ=%.4f q=%.5f C=%g steps=%d "
             "ε %.3f -> %.3f (δ=%.3g, %s, cap %g)",
-            ledger.site_id,
-            stage,
-            run_id,
-            self.round,
-            self.noise_multiplier,
-            self.sample_rate,
-            self.max_grad_norm,
-            self.planned_steps,
-            self.epsilon_before,
-            self.epsilon_planned,
-            self.delta,
-            ledger.accountant,
-            privacy.max_epsilon,
+            self.ledger.site_id, self.stage, self.run_id, self.round, self.noise_multiplier, self.sample_rate,
+            self.max_grad_norm, self.planned_steps, self.epsilon_before, self.epsilon_planned, self.delta,
+            self.ledger.accountant, self.privacy.max_epsilon,
         )
 
     def _attach_opacus(self, module: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, n: int, *,
