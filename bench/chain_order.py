@@ -1,0 +1,281 @@
+"""Why the federated chain trails pooled training: the same recipe in one process, fed in
+the federation's order.
+
+The study (``bench/study.py``, docs/quality.md) found the federated generalist below the
+sites' specialists at an equal budget while pooled training beats them. This script asks
+whether that gap comes from the federation's mechanics (per-site AdamW moments, a fresh
+EMA each visit, prompt anchoring, Flower) or from the order of the data alone: it trains
+the study's recipe (``bench/federated.toml``) in this process with ONE optimizer, ONE EMA
+and one learning-rate schedule over the four shared datasets, and only the batches change:
+
+- ``pooled``: the central recipe (label-balanced batches over all four types).
+- ``blocks``: the cyclic chain's order: every round, ``--alloc`` steps of one site after
+  another (default 6 each: the study's cyclic 32 x 6), the order rotating by one site
+  each round; a site holds one image type (``--sites 0,1,2,3``) or several
+  (``--sites 0+1,2+3``: two sites of two types, ``--alloc 12,12``); batches
+  label-balanced within the site's types.
+- ``scaffold``: ``blocks`` plus a SCAFFOLD-style drift correction (Karimireddy et al. 2020):
+  each step's gradient gets ``mean_j c_j - c_i``, where ``c_j`` is type j's mean gradient
+  over its last block.
+- ``replay``: ``blocks`` plus generative replay: every round the live model draws
+  ``--replay-per-prompt`` images of every prompt (``--replay-steps`` sampler steps,
+  ``--replay-guidance``), and each batch holds ``--replay-per-batch`` of them from the
+  other types beside the block type's real records (the batch stays ``batch_size``).
+
+Every model is judged by ``medisyn evaluate``'s code (``--n-per-label`` images per label)
+and the counts against the specialists of a study result (``--specialists``: a
+``study.json`` with arm c) go to ``--results``. The batch orders replace
+``medisyn.train.batch_source`` / ``PlainStepper`` methods in this process only.
+
+    python bench/chain_order.py --mode blocks --out runs/chain/blocks \
+        --results bench/results/chain-order/blocks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import medisyn.train as T  # noqa: E402
+from medisyn.cli import _load_model_train_config  # noqa: E402
+from medisyn.config import load_dataset_config  # noqa: E402
+from medisyn.data import ConcatImageDataset, image_type_info, load_dataset  # noqa: E402
+from medisyn.models import build_components, save_components  # noqa: E402
+
+SITES = ("breast-us", "chest-xray", "fundus", "dermoscopy")
+MODES = ("pooled", "blocks", "scaffold", "replay")
+COMPARED = ("label_alignment", "tstr_balanced_accuracy", "kid")
+
+
+class Order:
+    """Which site a step trains on: rounds of ``alloc[g]`` steps per site g, one site after
+    another, the order rotating by one site each round. A site holds the image types
+    ``groups[g]`` (default: one type each, as in the study)."""
+
+    def __init__(self, alloc: list[int], groups: list[list[int]]):
+        self.alloc, self.groups, self.n = alloc, groups, len(alloc)
+
+    def site_of(self, step: int) -> int:
+        """The site (group of image types) of ``step``."""
+        rnd, pos = divmod(step, sum(self.alloc))
+        for k in range(self.n):
+            t = (k + rnd) % self.n
+            if pos < self.alloc[t]:
+                return t
+            pos -= self.alloc[t]
+        raise AssertionError("unreachable")
+
+    def round_of(self, step: int) -> int:
+        return step // sum(self.alloc)
+
+
+def block_source(order: Order, bounds: torch.Tensor, cut: int = 0):
+    """A batch source like ``BalancedBatches`` but drawing only the step's site's image
+    types (``cut`` records fewer per batch, for replay)."""
+
+    class BlockBatches(T.BalancedBatches):
+        def __init__(self, prompt_index: torch.Tensor, batch_size: int, seed: int, power: float):
+            super().__init__(prompt_index, batch_size - cut, seed, power)
+            rec_type = torch.bucketize(torch.arange(len(prompt_index)), bounds, right=True)
+            self.per_type = []
+            for g in order.groups:
+                w = torch.where(torch.isin(rec_type, torch.tensor(g)), self.weights, torch.zeros_like(self.weights))
+                self.per_type.append(w / w.sum())
+
+        def batch(self, step: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(self.seed + 104729 * step)
+            return torch.multinomial(self.per_type[order.site_of(step)], self.batch_size, replacement=True,
+                                     generator=g)
+
+    return lambda objective, config, seed: BlockBatches(objective.prompt_index, config.batch_size, seed,
+                                                        config.balance_power)
+
+
+def install_scaffold(order: Order) -> None:
+    """Each step: grad += mean_j c_j - c_i once every type has a control variate."""
+    st: dict[str, Any] = {"step": 0, "c": {}, "acc": None, "n": 0, "cur": None}
+
+    def apply(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t = order.site_of(st["step"])
+        if st["cur"] is not None and t != st["cur"]:
+            st["c"][st["cur"]] = [a / st["n"] for a in st["acc"]]
+            st["acc"], st["n"] = None, 0
+        st["cur"] = t
+        grads = [p.grad.detach().clone() for p in self.params]
+        st["acc"] = grads if st["acc"] is None else [a + g for a, g in zip(st["acc"], grads, strict=True)]
+        st["n"] += 1
+        cs = st["c"]
+        if len(cs) == order.n:
+            for j, p in enumerate(self.params):
+                p.grad.add_(sum(cs[k][j] for k in cs) / len(cs) - cs[t][j])
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        st["step"] += 1
+
+    T.PlainStepper.apply = apply
+
+
+def install_replay(order: Order, bounds: torch.Tensor, args: argparse.Namespace) -> None:
+    """Each round the live model draws images of every prompt; a batch then holds
+    ``replay_per_batch`` of those of the other types."""
+    from medisyn.generate import generate
+
+    r = args.replay_per_batch
+    st: dict[str, Any] = {"round": -1}
+    plain_next = T.PlainStepper.next_batch
+
+    def refill(obj: Any, rnd: int) -> None:
+        unet = obj.c.unet
+        was = unet.training
+        unet.eval()
+        prompts = obj.vocab[:-1]
+        g = args.replay_guidance
+        with torch.no_grad():
+            made = generate(obj.c, prompts, n_per_prompt=args.replay_per_prompt, seed=1000 + 7919 * rnd,
+                            steps=args.replay_steps, guidance=g, guidance_interval=None if g <= 1 else (0.5, 10.0),
+                            batch_size=64)
+        unet.train(was)
+        imgs = torch.stack([torch.from_numpy(np.asarray(m.image.convert("RGB"), dtype=np.float32) / 127.5 - 1)
+                            .permute(2, 0, 1) for m in made])
+        mean, std = obj._encode(imgs)
+        pidx = torch.tensor([prompts.index(m.prompt) for m in made])
+        st["pool"] = (mean, std, mean, std, torch.zeros(len(made), dtype=torch.bool), pidx)
+        rec_type = torch.bucketize(torch.arange(len(obj.prompt_index)), bounds, right=True)
+        ptype: dict[int, int] = {}
+        for i, pi in enumerate(obj.prompt_index.tolist()):
+            ptype.setdefault(pi, int(rec_type[i]))
+        st["ptype"] = torch.tensor([ptype[int(i)] for i in pidx])
+        st["round"] = rnd
+
+    def next_batch(self, step: int):
+        if order.round_of(step) != st["round"]:
+            refill(self.objective, order.round_of(step))
+        own = plain_next(self, step)
+        own_types = torch.tensor(order.groups[order.site_of(step)])
+        others = torch.nonzero(~torch.isin(st["ptype"], own_types)).flatten()
+        pick = others[torch.randint(0, len(others), (r,), generator=torch.Generator().manual_seed(555 + step))]
+        return tuple(torch.cat([a, b[pick].to(a.dtype)]) for a, b in zip(own, st["pool"], strict=True))
+
+    T.PlainStepper.next_batch = next_batch
+    T.batch_source = block_source(order, bounds, cut=r)
+
+
+def against_specialists(types: dict[str, Any], specialists: dict[str, Any]) -> dict[str, Any]:
+    """Per compared metric, the image types where this model is at least as good as the
+    type's specialist (KID: lower is better)."""
+    out: dict[str, Any] = {}
+    for k in COMPARED:
+        good = [t for t in types if t in specialists and (
+            types[t]["metrics"][k] <= specialists[t]["metrics"][k] if k == "kid"
+            else types[t]["metrics"][k] >= specialists[t]["metrics"][k])]
+        out[k] = {"types_at_least_as_good": good, "count": len(good)}
+    # KID beyond twice the combined jackknife error (medisyn.evaluation.kernel_distance_se)
+    worse, better = [], []
+    for t in types:
+        m, sp = types[t]["metrics"], specialists.get(t, {}).get("metrics", {})
+        if None in (m.get("kid_se"), sp.get("kid_se")) or "kid" not in sp:
+            continue
+        gap = 2 * math.hypot(m["kid_se"], sp["kid_se"])
+        if m["kid"] < sp["kid"] - gap:
+            better.append(t)
+        elif m["kid"] > sp["kid"] + gap:
+            worse.append(t)
+    out["kid"].update({"types_better_beyond_2se": better, "types_worse_beyond_2se": worse})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=MODES, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="model and evaluation go here")
+    ap.add_argument("--results", type=Path, help="summary JSON (with the evaluation's per-type metrics)")
+    ap.add_argument("--config", type=Path, default=ROOT / "bench" / "federated.toml")
+    ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data", help="folder of <site>.toml")
+    ap.add_argument("--steps", type=int, default=768)
+    ap.add_argument("--alloc", default="6,6,6,6", help="steps per site per round")
+    ap.add_argument("--sites", default="0,1,2,3",
+                    help="image types per site: 0 breast, 1 CXR, 2 fundus, 3 derm; '0+1,2+3' = two sites of two")
+    ap.add_argument("--replay-per-batch", type=int, default=16)
+    ap.add_argument("--replay-per-prompt", type=int, default=16)
+    ap.add_argument("--replay-steps", type=int, default=10)
+    ap.add_argument("--replay-guidance", type=float, default=1.0)
+    ap.add_argument("--n-per-label", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--specialists", type=Path,
+                    default=ROOT / "bench" / "results" / "study-32-rounds-cyclic-interval-kid-se" / "study.json")
+    args = ap.parse_args(argv)
+
+    model_cfg, train_cfg = _load_model_train_config(args.config, "tiny", args.seed)
+    dcfgs = [load_dataset_config(args.data / f"{s}.toml") for s in SITES]
+    parts = [load_dataset(d, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=d.split.train)
+             for d in dcfgs]
+    bounds = torch.cumsum(torch.tensor([len(p) for p in parts]), 0)
+    groups = [[int(t) for t in g.split("+")] for g in args.sites.split(",")]
+    if sorted(t for g in groups for t in g) != list(range(len(SITES))):
+        ap.error(f"--sites {args.sites!r}: every image type 0-{len(SITES) - 1} at exactly one site")
+    order = Order([int(x) for x in args.alloc.split(",")], groups)
+    if len(order.alloc) != len(groups) or min(order.alloc) < 1:
+        ap.error(f"--alloc {args.alloc!r}: needs {len(groups)} positive step counts (one per site)")
+    if args.mode in ("blocks", "scaffold"):
+        T.batch_source = block_source(order, bounds)
+    if args.mode == "scaffold":
+        install_scaffold(order)
+    if args.mode == "replay":
+        install_replay(order, bounds, args)
+
+    c = build_components(model_cfg, seed=train_cfg.seed)
+    c.image_types = {**c.image_types, **image_type_info(parts)}
+    t0 = time.time()
+    r = T.train_local(c, ConcatImageDataset(parts), steps=args.steps, config=train_cfg, stage="unet",
+                      site_id="central", progress=False)
+    train_s = time.time() - t0
+    print(f"{args.mode}: {args.steps} steps in {train_s:.0f} s, loss {r.metrics['loss']:.4f}", flush=True)
+    save_components(c, args.out / "model", extra={"config_hash": f"chain-order-{args.mode}"})
+
+    # judged exactly as a user would: `medisyn evaluate` on the saved model
+    import subprocess
+
+    cmd = [sys.executable, "-m", "medisyn.cli", "evaluate", "--model", str(args.out / "model"),
+           "--n-per-label", str(args.n_per_label), "--out", str(args.out / "evaluation")]
+    for s in SITES:
+        cmd += ["--data", str(args.data / f"{s}.toml")]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    result = json.loads((args.out / "evaluation" / "evaluation.json").read_text())
+    if args.results:
+        spec = {}
+        if args.specialists.is_file():
+            spec = json.loads(args.specialists.read_text())["arms"]["c"]["evaluation"]["types"]
+        summary = {
+            "kind": "medisyn-chain-order", "mode": args.mode, "steps": args.steps, "alloc": order.alloc,
+            "sites": [[SITES[t] for t in g] for g in groups],
+            "replay": ({k: getattr(args, k) for k in ("replay_per_batch", "replay_per_prompt", "replay_steps",
+                                                      "replay_guidance")} if args.mode == "replay" else None),
+            "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+            "seed": args.seed, "train_seconds": round(train_s, 1), "final_loss": r.metrics["loss"],
+            "threads": torch.get_num_threads(), "specialists": str(args.specialists.name) if spec else None,
+            "against_specialists": against_specialists(result["types"], spec) if spec else None,
+            "types": {t: {"metrics": e.get("metrics"), "floors": e.get("floors")} for t, e in result["types"].items()},
+        }
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
