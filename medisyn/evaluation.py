@@ -199,6 +199,12 @@ def frechet_distance(a: Any, b: Any) -> float | None:
     return float(max(mu @ mu + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, 0.0))
 
 
+def _cubic_kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KID's kernel ``(x·y/d + 1)^3`` within a, within b and across."""
+    d = a.shape[1]
+    return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+
+
 def kernel_distance(a: Any, b: Any) -> float | None:
     """KID: unbiased MMD² with the polynomial kernel ``(x·y/d + 1)^3`` over the whole sets
     (no subsets: the sets here are small); None below 2 rows."""
@@ -206,10 +212,7 @@ def kernel_distance(a: Any, b: Any) -> float | None:
     n, m = len(a), len(b)
     if n < 2 or m < 2:
         return None
-    d = a.shape[1]
-    kaa = (a @ a.T / d + 1) ** 3
-    kbb = (b @ b.T / d + 1) ** 3
-    kab = (a @ b.T / d + 1) ** 3
+    kaa, kbb, kab = _cubic_kernels(a, b)
     xx = (kaa.sum() - np.trace(kaa)) / (n * (n - 1))
     yy = (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
     # equal sizes: Gretton et al.'s U-statistic (cross pairs i != j; exactly 0 for a set
@@ -228,10 +231,7 @@ def kernel_distance_se(a: Any, b: Any) -> float | None:
     n, m = len(a), len(b)
     if n < 3 or m < 3:
         return None
-    d = a.shape[1]
-    kaa = (a @ a.T / d + 1) ** 3
-    kbb = (b @ b.T / d + 1) ** 3
-    kab = (a @ b.T / d + 1) ** 3
+    kaa, kbb, kab = _cubic_kernels(a, b)
     np.fill_diagonal(kaa, 0.0)
     np.fill_diagonal(kbb, 0.0)
     saa, sbb, sab = kaa.sum(), kbb.sum(), kab.sum()
