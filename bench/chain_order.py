@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -53,6 +52,9 @@ from medisyn.cli import _load_model_train_config  # noqa: E402
 from medisyn.config import load_dataset_config  # noqa: E402
 from medisyn.data import ConcatImageDataset, image_type_info, load_dataset  # noqa: E402
 from medisyn.models import build_components, save_components  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from study import kid_beyond_noise  # noqa: E402
 
 SITES = ("breast-us", "chest-xray", "fundus", "dermoscopy")
 MODES = ("pooled", "blocks", "scaffold", "replay")
@@ -184,18 +186,8 @@ def against_specialists(types: dict[str, Any], specialists: dict[str, Any]) -> d
             types[t]["metrics"][k] <= specialists[t]["metrics"][k] if k == "kid"
             else types[t]["metrics"][k] >= specialists[t]["metrics"][k])]
         out[k] = {"types_at_least_as_good": good, "count": len(good)}
-    # KID beyond twice the combined jackknife error (medisyn.evaluation.kernel_distance_se)
-    worse, better = [], []
-    for t in types:
-        m, sp = types[t]["metrics"], specialists.get(t, {}).get("metrics", {})
-        if None in (m.get("kid_se"), sp.get("kid_se")) or "kid" not in sp:
-            continue
-        gap = 2 * math.hypot(m["kid_se"], sp["kid_se"])
-        if m["kid"] < sp["kid"] - gap:
-            better.append(t)
-        elif m["kid"] > sp["kid"] + gap:
-            worse.append(t)
-    out["kid"].update({"types_better_beyond_2se": better, "types_worse_beyond_2se": worse})
+    # KID beyond twice the combined jackknife error: the study's own rule
+    out["kid"].update(kid_beyond_noise(types, specialists, list(types)))
     return out
 
 
