@@ -199,51 +199,47 @@ def frechet_distance(a: Any, b: Any) -> float | None:
     return float(max(mu @ mu + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, 0.0))
 
 
-def _cubic_kernels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """KID's kernel ``(x·y/d + 1)^3`` within a, within b and across."""
-    d = a.shape[1]
-    return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
-
-
 def kernel_distance(a: Any, b: Any) -> float | None:
     """KID: unbiased MMD² with the polynomial kernel ``(x·y/d + 1)^3`` over the whole sets
     (no subsets: the sets here are small); None below 2 rows."""
-    a, b = _f64(a), _f64(b)
-    n, m = len(a), len(b)
-    if n < 2 or m < 2:
-        return None
-    kaa, kbb, kab = _cubic_kernels(a, b)
-    xx = (kaa.sum() - np.trace(kaa)) / (n * (n - 1))
-    yy = (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
-    # equal sizes: Gretton et al.'s U-statistic (cross pairs i != j; exactly 0 for a set
-    # against itself); else the mean over all cross pairs (Binkowski et al.). Both unbiased.
-    xy = (kab.sum() - np.trace(kab)) / (n * (n - 1)) if n == m else kab.mean()
-    return float(xx + yy - 2 * xy)
+    return kernel_distance_and_se(a, b)[0]
 
 
 def kernel_distance_se(a: Any, b: Any) -> float | None:
-    """The standard error of :func:`kernel_distance` by the delete-one jackknife over both
-    sets (Efron & Stein; for a two-sample statistic the two samples' jackknife variances
-    add): how far KID moves when other images of the same two distributions are drawn.
-    In closed form from the three kernel matrices (each leave-one-out value uses the
-    all-cross-pairs form). None below 3 rows in either set."""
+    """The standard error of :func:`kernel_distance` (see :func:`kernel_distance_and_se`);
+    None below 3 rows in either set."""
+    return kernel_distance_and_se(a, b)[1]
+
+
+def kernel_distance_and_se(a: Any, b: Any) -> tuple[float | None, float | None]:
+    """KID and its standard error from one set of kernel matrices.
+
+    The error is the delete-one jackknife over both sets (Efron & Stein; for a two-sample
+    statistic the two samples' jackknife variances add): how far KID moves when other
+    images of the same two distributions are drawn, in closed form (each leave-one-out
+    value uses the all-cross-pairs form). KID is None below 2 rows, its error below 3."""
     a, b = _f64(a), _f64(b)
     n, m = len(a), len(b)
-    if n < 3 or m < 3:
-        return None
-    kaa, kbb, kab = _cubic_kernels(a, b)
+    if n < 2 or m < 2:
+        return None, None
+    d = a.shape[1]
+    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
     np.fill_diagonal(kaa, 0.0)
     np.fill_diagonal(kbb, 0.0)
     saa, sbb, sab = kaa.sum(), kbb.sum(), kab.sum()
     xx, yy = saa / (n * (n - 1)), sbb / (m * (m - 1))
+    # equal sizes: Gretton et al.'s U-statistic (cross pairs i != j; exactly 0 for a set
+    # against itself); else the mean over all cross pairs (Binkowski et al.). Both unbiased.
+    xy = (sab - np.trace(kab)) / (n * (n - 1)) if n == m else sab / (n * m)
+    kid = float(xx + yy - 2 * xy)
+    if n < 3 or m < 3:
+        return kid, None
     # row i left out of a: its n - 1 within-set pairs (twice) and its m cross pairs go
-    xx_i = (saa - 2 * kaa.sum(1)) / ((n - 1) * (n - 2))
-    theta_a = xx_i + yy - 2 * (sab - kab.sum(1)) / ((n - 1) * m)
-    yy_j = (sbb - 2 * kbb.sum(1)) / ((m - 1) * (m - 2))
-    theta_b = xx + yy_j - 2 * (sab - kab.sum(0)) / (n * (m - 1))
+    theta_a = (saa - 2 * kaa.sum(1)) / ((n - 1) * (n - 2)) + yy - 2 * (sab - kab.sum(1)) / ((n - 1) * m)
+    theta_b = xx + (sbb - 2 * kbb.sum(1)) / ((m - 1) * (m - 2)) - 2 * (sab - kab.sum(0)) / (n * (m - 1))
     var = ((n - 1) / n * ((theta_a - theta_a.mean()) ** 2).sum()
            + (m - 1) / m * ((theta_b - theta_b.mean()) ** 2).sum())
-    return float(np.sqrt(max(var, 0.0)))
+    return kid, float(np.sqrt(max(var, 0.0)))
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -306,8 +302,8 @@ def balanced_accuracy(y_true: Any, y_pred: Any, classes: Sequence[int] | None = 
 
 def fidelity(real: Any, fake: Any, k: int = 5) -> dict[str, float | None]:
     """FD, KID, precision, recall, density, coverage of ``fake`` against ``real``."""
-    out = {"fd": frechet_distance(real, fake), "kid": kernel_distance(real, fake),
-           "kid_se": kernel_distance_se(real, fake)}
+    kid, kid_se = kernel_distance_and_se(real, fake)
+    out = {"fd": frechet_distance(real, fake), "kid": kid, "kid_se": kid_se}
     out.update(prdc(real, fake, k=k))
     return out
 
