@@ -50,16 +50,30 @@ def validate_cmd(
         from medisyn.audit.validate import run_validation
 
         cfg, audit = load_site(site)
-        res = run_validation(load_site_images(cfg.dataset), audit,
-                             cache_dir=Path(cfg.site.state_dir) / "audit" / "encoders")
-        res["site_id"] = cfg.site.id
-        _write_json(Path(out) / "validation.json", res)
+        done = []
+        for one in cfg.per_dataset():  # each dataset validated on its own images
+            ds = one.only_dataset
+            res = run_validation(load_site_images(ds), audit,
+                                 cache_dir=Path(cfg.site.state_dir) / "audit" / "encoders")
+            res["site_id"] = cfg.site.id
+            res["dataset"] = ds.image_type
+            dest = Path(out) if len(cfg.datasets) == 1 else Path(out) / _slug(ds.image_type)
+            _write_json(dest / "validation.json", res)
+            done.append((res, dest))
     except MediSynError as e:
         _fail(e)
-    d = res["detection_rate"]
-    typer.echo(f"site {res['site_id']}: detection exact {d['exact']:.3f} mild {d['mild']:.3f} "
-               f"hard {d['hard']:.3f}; false positives {res['false_positive_rate']:.3f}; "
-               f"validated: {res['validated']} -> {Path(out) / 'validation.json'}")
+    for res, dest in done:
+        d = res["detection_rate"]
+        typer.echo(f"site {res['site_id']} ({res['dataset']}): detection exact {d['exact']:.3f} "
+                   f"mild {d['mild']:.3f} hard {d['hard']:.3f}; false positives "
+                   f"{res['false_positive_rate']:.3f}; validated: {res['validated']} -> {dest / 'validation.json'}")
+
+
+def _slug(text: str) -> str:
+    """A folder name for an image type (a site with several datasets: one folder each)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "dataset"
 
 
 @app.command("site")
@@ -91,14 +105,19 @@ def site_cmd(
                 raise ConfigError(f"--model {model}: not a model directory")
             comps = load_components(model)
             mhash = model_hash(comps)
-        agg = audit_synthetic_at_site(cfg, load_synthetic_dir(synthetic), comps,
-                                      audit_config=audit, out_dir=out, model_hash=mhash)
+        images = load_synthetic_dir(synthetic)
+        aggs = []
+        for one in cfg.per_dataset():  # one audit per dataset, each against its own images
+            dest = Path(out) if len(cfg.datasets) == 1 else Path(out) / _slug(one.only_dataset.image_type)
+            aggs.append((audit_synthetic_at_site(one, images, comps, audit_config=audit, out_dir=dest,
+                                                 model_hash=mhash), dest))
     except MediSynError as e:
         _fail(e)
-    o = agg["overall"]
-    typer.echo(f"site {agg['site_id']}: {o['flagged']['count']}/{o['n_synthetic']} synthetic "
-               f"images flagged (held-out baseline {o['holdout_baseline']['rate']:.4f}); "
-               f"reports in {out}")
+    for agg, dest in aggs:
+        o = agg["overall"]
+        typer.echo(f"site {agg['site_id']} ({agg['dataset']}): {o['flagged']['count']}/{o['n_synthetic']} "
+                   f"synthetic images flagged (held-out baseline {o['holdout_baseline']['rate']:.4f}); "
+                   f"reports in {dest}")
 
 
 @app.command("gate")

@@ -71,8 +71,11 @@ def evaluate(sites: list[SiteAggregate], privacy: Mapping[str, SitePrivacy],
         why = (site_errors or {}).get(sid, "no aggregate received")
         checks.append(GateCheck(name=f"{sid}: site audited", passed=False, detail=why[:300]))
     released = set(released_ids)
+    per_site = {sid: sum(a.site_id == sid for a in sites) for sid in audited}
+    eps_checked: set[str] = set()
     for a in sites:
-        sid = a.site_id
+        # a site with several datasets has one aggregate (and one set of checks) per dataset
+        sid = a.site_id if per_site[a.site_id] == 1 else f"{a.site_id} [{a.dataset}]"
         checks.append(detector_check(sid, a.validation))
         for m in [a.overall, *(t for t in a.image_types if t.image_type != CROSS_TYPE_GROUP)]:
             p = stats.fisher_greater(m.flagged.count, m.flagged.n, m.holdout_baseline.count,
@@ -87,7 +90,11 @@ def evaluate(sites: list[SiteAggregate], privacy: Mapping[str, SitePrivacy],
             name=f"{sid}: flagged images excluded", passed=not leaked,
             detail=(f"{len(a.flagged_ids)} flagged, all excluded" if not leaked
                     else f"{len(leaked)} flagged image(s) in the released set: {', '.join(leaked[:10])}")))
-        pr = privacy.get(sid, a.privacy)
+        if a.site_id in eps_checked:  # ε is the site's, whatever it holds: checked once
+            continue
+        eps_checked.add(a.site_id)
+        sid = a.site_id
+        pr = privacy.get(a.site_id, a.privacy)
         if pr.dp is False and pr.epsilon is None:
             checks.append(GateCheck(name=f"{sid}: ε within cap", passed=False,
                                     detail=f"the site trained without DP (ε = ∞); cap = {pr.max_epsilon}"))

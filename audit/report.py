@@ -111,6 +111,9 @@ class SiteAggregate(_Model):
     schema_version: str = SCHEMA_VERSION
     kind: str = "medisyn-site-audit-aggregate"
     site_id: str
+    # the image type of the dataset this aggregate audits (a site with several datasets
+    # answers one aggregate per dataset, each calibrated on that dataset's images)
+    dataset: str | None = None
     created: str
     audit_version: str
     audit_config_hash: str
@@ -310,7 +313,9 @@ def _page(title: str, body: list[str]) -> str:
 
 
 def _site_section(a: SiteAggregate) -> list[str]:
-    out = [f'<section class="site" id="site-{_e(a.site_id)}"><h2>Site {_e(a.site_id)}</h2>']
+    name = a.site_id if a.dataset is None else f"{a.site_id}-{a.dataset}"
+    title = f"Site {_e(a.site_id)}" + (f": {_e(a.dataset)} dataset" if a.dataset else "")
+    out = [f'<section class="site" id="site-{_e(name)}"><h2>{title}</h2>']
     out.append("<table><tr><th>synthetic</th><th>train indexed</th><th>held-out (calibration)"
                "</th><th>flagged</th><th>patients at risk</th><th>ε</th><th>δ</th><th>ε cap</th></tr>"
                f"<tr><td>{a.n_synthetic}</td><td>{a.n_train_indexed}</td>"

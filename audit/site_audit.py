@@ -189,7 +189,7 @@ def audit_synthetic_at_site(
     cfg = site_config
 
     def build() -> PreparedIndex:
-        return prepare_index(load_site_images(cfg.dataset), audit, components=components,
+        return prepare_index(load_site_images(cfg.only_dataset), audit, components=components,
                              cache_dir=Path(cfg.site.state_dir) / "audit" / "encoders")
 
     with cpu_threads(audit.threads):
@@ -214,12 +214,12 @@ def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: A
     # held-out baseline: the K-fold cross-fitted flags of the clean held-out images
     baseline = _rateci(int(prep.crossfit["flags"].sum()), len(prep.hold))
     closer = _closer_to_train(prep, syn_imgs, audit)
-    types = site_groups(prompts, cfg.dataset)
+    types = site_groups(prompts, cfg.only_dataset)
     per_type, overall = _group_metrics(prep, scored, types, ids, closer, baseline, audit,
                                        k_min=int(cfg.privacy.audit_min_group))
     membership = _membership(cfg, prep, audit, components, per_sample_loss)
     agg = SiteAggregate(
-        site_id=cfg.site.id, created=_now(), audit_version=AUDIT_VERSION,
+        site_id=cfg.site.id, dataset=cfg.only_dataset.image_type, created=_now(), audit_version=AUDIT_VERSION,
         audit_config_hash=config_hash(audit.model_dump(mode="json", exclude={"local_embedders"})),
         n_synthetic=len(ids), n_train_indexed=len(prep.train), n_holdout_calibration=len(prep.hold),
         alpha=audit.alpha,
@@ -237,7 +237,7 @@ def _audit(cfg: SiteConfig, synthetic_images: Sequence[Synthetic], components: A
     )
     out = agg.model_dump(mode="json")
     images = prep.images
-    forbidden = [str(cfg.dataset.path), str(cfg.site.state_dir),
+    forbidden = [*cfg.data_paths(), str(cfg.site.state_dir),
                  *[p for p in images.train_patients + images.holdout_patients if p]]
     assert_shareable(out, forbidden=forbidden)
     _write_site_report(out_dir, out, agg, prep, scored, ids, prompts, syn_imgs, types, validation)

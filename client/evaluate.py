@@ -93,23 +93,27 @@ def evaluate_query(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
         if meta is not None and isinstance(meta["image_types"], dict) and hasattr(components, "image_types"):
             # what the model knows of its image types (e.g. grey ones generate grey), as on disk
             components.image_types = dict(meta["image_types"])
-    # the site's own type: grey data -> channel-equal images (a federated model's meta may
+    # the site's own types: grey data -> channel-equal images (a federated model's meta may
     # not know its types); the answer says so, and the coordinator's gallery matches it
     from medisyn.data import read_raw, source_channels
 
-    channels = source_channels(read_raw(site.dataset))
-    if hasattr(components, "image_types") and site.dataset.image_type not in components.image_types:
-        components.image_types = {**components.image_types, site.dataset.image_type: {"channels": channels}}
     mh = config.get(P.MODEL_HASH)
-    result = evaluate_site(components, site.dataset, settings=settings, site_id=site.site.id,
-                           model_hash=None if mh is None else str(mh), model_meta=meta,
-                           min_group=min_group, progress=lambda m: logger.info("evaluate: %s", m))
-    if isinstance(result.get("type"), dict):
-        result["type"]["channels"] = int(channels)
-    assert_shareable(result, forbidden=[str(site.dataset.path), str(site.site.state_dir),
-                                        str(Path(site.dataset.path).parent)])
-    _keep_local_copy(site, result)
-    return result
+    results = []
+    for ds in site.datasets:  # one evaluation per dataset (image type), each on its own data
+        channels = source_channels(read_raw(ds))
+        if hasattr(components, "image_types") and ds.image_type not in components.image_types:
+            components.image_types = {**components.image_types, ds.image_type: {"channels": channels}}
+        result = evaluate_site(components, ds, settings=settings, site_id=site.site.id,
+                               model_hash=None if mh is None else str(mh), model_meta=meta,
+                               min_group=min_group, progress=lambda m: logger.info("evaluate: %s", m))
+        if isinstance(result.get("type"), dict):
+            result["type"]["channels"] = int(channels)
+        results.append(result)
+    answer = results[0] if len(results) == 1 else {
+        "kind": P.SITE_EVALUATIONS_KIND, "site_id": site.site.id, "evaluations": results}
+    assert_shareable(answer, forbidden=[*site.data_paths(), str(site.site.state_dir)])
+    _keep_local_copy(site, answer)
+    return answer
 
 
 def _keep_local_copy(site: SiteConfig, result: Mapping[str, Any]) -> None:

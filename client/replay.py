@@ -50,7 +50,7 @@ def request_key(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     h = hashlib.sha256()
     ident = {
         "site": site.site.id,
-        "dataset": json.loads(site.dataset.model_dump_json()),
+        "dataset": [json.loads(d.model_dump_json()) for d in site.datasets],
         "privacy": json.loads(site.privacy.model_dump_json()),
         "superlink": site.superlink.address,
         "config": {k: v for k, v in config.items() if k != P.REPLY_TOKEN},

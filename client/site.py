@@ -91,7 +91,7 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
 def site_secrets(site: SiteConfig | None, node_config: Mapping[str, Any]) -> tuple[str, ...]:
     out = [str(v) for v in node_config.values() if isinstance(v, str)]
     if site is not None:
-        out += [str(site.dataset.path), str(site.site.state_dir), str(Path(site.dataset.path).parent)]
+        out += [*site.data_paths(), str(site.site.state_dir)]
     return tuple(out)
 
 
@@ -196,14 +196,21 @@ def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndar
                     frozen: np.ndarray | None, *, holdout: bool):
     from medisyn.client.warm import WARM
 
+    from medisyn.data import ConcatImageDataset
+
     components, model_cfg, stage = _components(site, config, arrays, frozen)
-    split = site.dataset.split.holdout if holdout else site.dataset.split.train
-    # decoded tensors kept warm, keyed by the dataset config and the data files' contents
-    dataset = WARM.dataset(site.dataset, resolution=model_cfg.resolution, channels=model_cfg.channels,
-                           splits=list(split))
-    if len(dataset) == 0:
-        which = "held-out" if holdout else "training"
-        raise ConfigError(f"the site has no {which} records (splits {split})")
+    parts = []
+    for ds in site.datasets:
+        split = ds.split.holdout if holdout else ds.split.train
+        # decoded tensors kept warm, keyed by the dataset config and the data files' contents
+        part = WARM.dataset(ds, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=list(split))
+        if len(part) == 0:
+            which = "held-out" if holdout else "training"
+            raise ConfigError(f"the site's {ds.image_type} dataset has no {which} records (splits {split})")
+        parts.append(part)
+    # a site with several datasets trains on all of them in shuffled (or Poisson) batches:
+    # one model step sees several image types, as pooled training does (docs/federation.md)
+    dataset = parts[0] if len(parts) == 1 else ConcatImageDataset(parts)
     return components, dataset, stage
 
 
@@ -364,14 +371,7 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
             f"audit {audit!r} is not allowed by the site's policy (allowed: {site.privacy.allowed_audits})"
         )
     if audit == P.QUERY_PROMPTS:
-        from medisyn.data import label_prompts, read_raw, source_channels
-
-        prompts = sorted(set(label_prompts(site.dataset).values()))
-        # grey (1) or colour (3): the coordinator then generates channel-equal images for a
-        # grey type; a property of the dataset's format, not of any record
-        return {P.QUERY_PROMPTS: prompts, P.PROMPTS_IMAGE_TYPE: site.dataset.image_type,
-                P.PROMPTS_SPECIALTY: site.dataset.specialty,
-                P.PROMPTS_CHANNELS: source_channels(read_raw(site.dataset))}
+        return prompts_answer(site)
     from medisyn.audit import site_query
     from medisyn.audit.settings import audit_config
 
@@ -404,9 +404,36 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     # the site's [audit] table (thresholds, views, encoder settings), as read with its config
     audit_cfg = audit_config(site, Path(site_path).resolve().parent if site_path is not None else None)
     model = fingerprint if components is not None else "none"
-    return dict(site_query(site, {k: v for k, v in config.items() if k in (P.AUDIT, P.MODEL_HASH)},
-                           components, audit_config=audit_cfg, synthetic=synthetic,
-                           warm=_warm_audit_index(site, audit_cfg, model)))
+    # One audit per dataset: each image type's real images indexed and calibrated on their
+    # own (every synthetic image is checked against each; the other types' prompts are the
+    # cross-type group). A site with one dataset answers its aggregate as before.
+    answers = [dict(site_query(one, {k: v for k, v in config.items() if k in (P.AUDIT, P.MODEL_HASH)},
+                               components, audit_config=audit_cfg, synthetic=synthetic,
+                               warm=_warm_audit_index(one, audit_cfg, model)))
+               for one in site.per_dataset()]
+    if len(answers) == 1:
+        return answers[0]
+    return {"kind": P.SITE_AUDITS_KIND, "site_id": site.site.id, P.AUDIT_PARTS: answers}
+
+
+def prompts_answer(site: SiteConfig) -> dict[str, Any]:
+    """The ``prompts`` query's answer: the label prompts of each of the site's image types,
+    with its specialty and channels (grey 1 or colour 3: the coordinator then generates
+    channel-equal images for a grey type; a property of the dataset's format, not of any
+    record). ``P.PROMPTS_TYPES`` lists every type; a site with one dataset also answers
+    the single-type keys older coordinators read."""
+    from medisyn.data import label_prompts, read_raw, source_channels
+
+    types = {ds.image_type: {P.QUERY_PROMPTS: sorted(set(label_prompts(ds).values())),
+                             P.PROMPTS_SPECIALTY: ds.specialty,
+                             P.PROMPTS_CHANNELS: source_channels(read_raw(ds))} for ds in site.datasets}
+    out: dict[str, Any] = {P.QUERY_PROMPTS: sorted({p for t in types.values() for p in t[P.QUERY_PROMPTS]}),
+                           P.PROMPTS_TYPES: types}
+    if len(types) == 1:
+        (t, entry), = types.items()
+        out.update({P.PROMPTS_IMAGE_TYPE: t, P.PROMPTS_SPECIALTY: entry[P.PROMPTS_SPECIALTY],
+                    P.PROMPTS_CHANNELS: entry[P.PROMPTS_CHANNELS]})
+    return out
 
 
 def _warm_audit_index(site: SiteConfig, audit_cfg: Any, model: str):  # noqa: ANN202
@@ -418,8 +445,9 @@ def _warm_audit_index(site: SiteConfig, audit_cfg: Any, model: str):  # noqa: AN
     from medisyn.audit.prepare import prepared_key
     from medisyn.client.warm import WARM, content_key
 
+    dataset = site.only_dataset  # the audit runs per dataset (SiteConfig.per_dataset)
     key = content_key(*prepared_key(
-        dataset=site.dataset.model_dump_json(), data_files=WARM.hasher.tree(Path(site.dataset.path)),
+        dataset=dataset.model_dump_json(), data_files=WARM.hasher.tree(Path(dataset.path)),
         audit=audit_cfg, model=model, cache_dir=Path(site.site.state_dir) / "audit" / "encoders"))
     return lambda build: WARM.get("audit-index", key, build)
 

@@ -254,11 +254,14 @@ def check_site(site_path: Path) -> tuple[int, dict[str, Any]]:
     try:
         from medisyn.data import check_dataset
 
-        data = check_dataset(site.dataset).to_dict()
-        report["data"] = data
-        train = sum(n for s, n in data["per_split"].items() if s in site.dataset.split.train)
-        if train == 0:
-            raise DataError(f"no records in the training splits {site.dataset.split.train}")
+        datas = []
+        for ds in site.datasets:
+            data = check_dataset(ds).to_dict()
+            datas.append(data)
+            train = sum(n for s, n in data["per_split"].items() if s in ds.split.train)
+            if train == 0:
+                raise DataError(f"{ds.image_type}: no records in the training splits {ds.split.train}", file=ds.path)
+        report["data"] = datas[0] if len(datas) == 1 else datas
     except (DataError, ConfigError) as e:
         report["error"] = str(e)
         return int(ExitCode.DATA), report

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -54,14 +54,21 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Read every record; print counts per split and label, sizes, duplicates and prompts."""
-    from medisyn.config import load_dataset_config
+    from medisyn.config import load_dataset_configs
     from medisyn.data import check_dataset
 
-    cfg = load_dataset_config(dataset)
-    report = check_dataset(cfg)
+    reports = [check_dataset(cfg) for cfg in load_dataset_configs(dataset)]
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        docs = [r.to_dict() for r in reports]
+        typer.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
         return
+    for i, report in enumerate(reports):
+        if i:
+            typer.echo("")
+        _print_data_report(report)
+
+
+def _print_data_report(report: Any) -> None:
     typer.echo(f"dataset   {report.path}")
     typer.echo(f"images    {report.n_images}" + (f" from {report.patients} patients" if report.patients else ""))
     typer.echo("splits    " + ", ".join(f"{s}: {n}" for s, n in report.per_split.items()))
@@ -105,7 +112,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints.")] = False,
 ) -> None:
     """Train on one or more datasets on this machine (stage vae, then unet)."""
-    from medisyn.config import config_hash, load_dataset_config
+    from medisyn.config import config_hash, load_dataset_configs
     from medisyn.data import ConcatImageDataset, image_type_info, load_dataset
     from medisyn.models import build_components, load_components, save_components, set_latent_scale
     from medisyn.train import train_local
@@ -116,7 +123,7 @@ def train(
     stages = ["vae", "unet"] if stage == "all" else [stage]
     if model_cfg.preset == "sd" and "vae" in stages:
         stages.remove("vae")
-    dcfgs = [load_dataset_config(p) for p in data]
+    dcfgs = [d for p in data for d in load_dataset_configs(p)]
     parts = [load_dataset(d, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=d.split.train) for d in dcfgs]
     dataset = parts[0] if len(parts) == 1 else ConcatImageDataset(parts)
     model_dir = out / "model"
@@ -194,7 +201,7 @@ def evaluate(
 ) -> None:
     """Judge a model by its images: type recognition, label alignment, TSTR, FD/KID,
     precision/recall, density/coverage, near-duplicates, each next to its real-data floor."""
-    from medisyn.config import load_dataset_config
+    from medisyn.config import load_dataset_configs
     from medisyn.evaluation import evaluate_model, make_settings
     from medisyn.evaluation_report import summary_lines, write_evaluation
     from medisyn.models import load_components, model_hash, read_model_meta
@@ -209,7 +216,7 @@ def evaluate(
     if not (model / "model_index.json").is_file():
         raise ConfigError(f"--model {model} is not a MediSyn model directory (no model_index.json); "
                           "pass the model/ folder that `medisyn train` or a federation wrote")
-    dcfgs = [load_dataset_config(p) for p in data]
+    dcfgs = [d for p in data for d in load_dataset_configs(p)]
     components = load_components(model)
     gallery: dict = {}
     result = evaluate_model(components, dcfgs, settings=settings, model_hash=model_hash(model),

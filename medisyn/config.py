@@ -355,13 +355,58 @@ class SuperLinkSection(_Frozen):
 
 
 class SiteConfig(_Frozen):
+    """A site's TOML. ``[dataset]`` is the site's one dataset; a site that holds several
+    image types (a general hospital's radiology and dermatology, say) lists each as its own
+    ``[[dataset]]`` table. Every dataset is one image type: the site trains on all of them
+    in mixed batches (one ε ledger over all its records) and audits and evaluates each
+    on its own (docs/federation.md, "A site with several datasets")."""
+
     site: SiteSection
-    dataset: DatasetConfig
+    dataset: DatasetConfig | tuple[DatasetConfig, ...]
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     superlink: SuperLinkSection = Field(default_factory=lambda: SuperLinkSection(insecure=True))
     # The [audit] table; validated by medisyn.audit.settings.AuditConfig where the audit runs
     # (kept untyped here so the core does not import the audit package).
     audit: dict[str, Any] | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _distinct_types(cls, v: DatasetConfig | tuple[DatasetConfig, ...]
+                        ) -> DatasetConfig | tuple[DatasetConfig, ...]:
+        if isinstance(v, DatasetConfig):
+            return v
+        if not v:
+            raise ValueError("no [[dataset]] table: a site needs at least one dataset")
+        seen: dict[str, int] = {}
+        for i, d in enumerate(v):
+            if d.image_type in seen:
+                raise ValueError(
+                    f"[[dataset]] tables {seen[d.image_type] + 1} and {i + 1} both have image_type "
+                    f"{d.image_type!r}: one dataset per image type (merge their files into one dataset)")
+            seen[d.image_type] = i
+        return v[0] if len(v) == 1 else v
+
+    @property
+    def datasets(self) -> tuple[DatasetConfig, ...]:
+        """Every dataset of the site (one for a ``[dataset]`` table)."""
+        return (self.dataset,) if isinstance(self.dataset, DatasetConfig) else self.dataset
+
+    @property
+    def only_dataset(self) -> DatasetConfig:
+        """The site's dataset, for code that handles one: :meth:`per_dataset` splits a site
+        with several."""
+        if not isinstance(self.dataset, DatasetConfig):
+            raise ConfigError(f"site {self.site.id} holds {len(self.dataset)} datasets; this needs one")
+        return self.dataset
+
+    def per_dataset(self) -> list[SiteConfig]:
+        """The site as one site config per dataset (same id, state, policy): what the
+        audit and the evaluation run on, one image type at a time."""
+        return [self.model_copy(update={"dataset": d}) for d in self.datasets]
+
+    def data_paths(self) -> list[str]:
+        """Every dataset file and its folder: strings that must never leave the site."""
+        return [s for d in self.datasets for s in (str(d.path), str(Path(d.path).parent))]
 
 
 # --------------------------------------------------------------------------- loading
@@ -411,8 +456,33 @@ def load_dataset_config(path: Path) -> DatasetConfig:
     data = read_toml(path)
     if "dataset" not in data:
         raise ConfigError(f"{path}: no [dataset] table")
+    if isinstance(data["dataset"], list):
+        n = len(data["dataset"])
+        if n != 1:
+            raise ConfigError(f"{path}: {n} [[dataset]] tables where one dataset is expected "
+                              "(medisyn train, evaluate and data check take every one of them)")
+        data = {"dataset": data["dataset"][0]}
     cfg = validate(DatasetConfig, data["dataset"], f"{path} [dataset]")
     return cfg.resolved(path.parent.resolve())
+
+
+def load_dataset_configs(path: Path) -> list[DatasetConfig]:
+    """Every dataset of a TOML: its ``[dataset]`` table, or each ``[[dataset]]`` table of a
+    site that holds several (checked as the site config checks them)."""
+    path = Path(path)
+    data = read_toml(path)
+    tables = data.get("dataset")
+    if not isinstance(tables, list):
+        return [load_dataset_config(path)]
+    if not tables:
+        raise ConfigError(f"{path}: no [dataset] table")
+    base = path.parent.resolve()
+    out = [validate(DatasetConfig, t, f"{path} [[dataset]] {i + 1}").resolved(base) for i, t in enumerate(tables)]
+    types = [d.image_type for d in out]
+    dup = sorted({t for t in types if types.count(t) > 1})
+    if dup:
+        raise ConfigError(f"{path}: several [[dataset]] tables with image_type {dup[0]!r}; one dataset per image type")
+    return out
 
 
 def load_site_config(path: Path) -> SiteConfig:
@@ -423,7 +493,8 @@ def load_site_config(path: Path) -> SiteConfig:
     sl = cfg.superlink
     return cfg.model_copy(
         update={
-            "dataset": cfg.dataset.resolved(base),
+            "dataset": (cfg.dataset.resolved(base) if isinstance(cfg.dataset, DatasetConfig)
+                        else tuple(d.resolved(base) for d in cfg.dataset)),
             "site": cfg.site.model_copy(update={"state_dir": _resolve_path(base, cfg.site.state_dir)}),
             "superlink": sl.model_copy(
                 update={

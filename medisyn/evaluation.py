@@ -1037,32 +1037,47 @@ def evaluate_site(components: Any, dataset_cfg: DatasetConfig, *,
 # --------------------------------------------------------------------------- the coordinator's join
 
 
+def site_parts(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A site's evaluate answer as one :func:`evaluate_site` result per image type: a site
+    with several datasets answers ``{"kind": "medisyn-site-evaluations", "evaluations":
+    [...]}``, a site with one answers its result."""
+    parts = result.get("evaluations")
+    if isinstance(parts, list):
+        return [p for p in parts if isinstance(p, Mapping)]
+    return [result]
+
+
 def join_site_evaluations(site_results: Mapping[str, Mapping[str, Any]], *,
                           site_errors: Mapping[str, str] | None = None, model_hash: str | None = None,
                           settings: EvaluationSettings | Mapping[str, Any] | None = None,
                           expected_sites: Sequence[str] = (), config_hash: str | None = None
                           ) -> dict[str, Any]:
     """Join the sites' :func:`evaluate_site` aggregates into one evaluation, per image type
-    (a type held by several sites is listed once per site: ``"<type> @ <site>"``)."""
+    (a type held by several sites is listed once per site: ``"<type> @ <site>"``). A site
+    with several datasets contributes one entry per image type (:func:`site_parts`)."""
     s = make_settings(settings)
     types: dict[str, Any] = {}
     counts: dict[str, int] = {}
-    for r in site_results.values():
-        counts[str(r.get("image_type"))] = counts.get(str(r.get("image_type")), 0) + 1
+    parts = {site: site_parts(r) for site, r in site_results.items()}
+    for rs in parts.values():
+        for r in rs:
+            counts[str(r.get("image_type"))] = counts.get(str(r.get("image_type")), 0) + 1
     encoders = set()
-    timings = {}
+    timings: dict[str, Any] = {}
     warnings: list[str] = []
-    for site, r in sorted(site_results.items()):
-        t = str(r.get("image_type"))
-        key = t if counts[t] == 1 else f"{t} @ {site}"
-        types[key] = {**dict(r.get("type", {})), "site": site, "data_hash": r.get("data_hash"),
-                      "encoder_description": r.get("encoder_description")}
-        if r.get("encoder"):
-            encoders.add(r["encoder"])
-        timings[site] = r.get("timings", {})
-        warnings += [f"site {site}: {w}" for w in r.get("warnings", [])]
-        if r.get("model_hash") not in (None, model_hash):
-            warnings.append(f"site {site} evaluated model {r.get('model_hash')}, not {model_hash}")
+    for site, rs in sorted(parts.items()):
+        for r in rs:
+            t = str(r.get("image_type"))
+            key = t if counts[t] == 1 else f"{t} @ {site}"
+            types[key] = {**dict(r.get("type", {})), "site": site, "data_hash": r.get("data_hash"),
+                          "encoder_description": r.get("encoder_description")}
+            if r.get("encoder"):
+                encoders.add(r["encoder"])
+            warnings += [f"site {site}: {w}" for w in r.get("warnings", [])]
+            if r.get("model_hash") not in (None, model_hash):
+                warnings.append(f"site {site} evaluated model {r.get('model_hash')}, not {model_hash}")
+        timings[site] = (rs[0].get("timings", {}) if len(rs) == 1
+                         else {str(r.get("image_type")): r.get("timings", {}) for r in rs})
     errors = {str(k): str(v)[:500] for k, v in (site_errors or {}).items()}
     missing = sorted(set(expected_sites) - set(site_results) - set(errors))
     for m in missing:
@@ -1076,7 +1091,7 @@ def join_site_evaluations(site_results: Mapping[str, Mapping[str, Any]], *,
             f"{k}: {v}" for k, v in ENCODERS.items() if k != "type-label"),
         "near_duplicates": _near_dup_text(s), "definitions": DEFINITIONS,
         "datasets": [{"image_type": str(r.get("image_type")), "site": site, "data_hashes": [r.get("data_hash")]}
-                     for site, r in sorted(site_results.items())],
+                     for site, rs in sorted(parts.items()) for r in rs],
         "types": types, "sites": sorted(site_results), "site_errors": errors,
         "warnings": warnings, "timings": {"sites": timings},
         "note": SITE_TYPE_NOTE,

@@ -88,6 +88,13 @@ QUERIES = (QUERY_PROMPTS, QUERY_COPY_DETECTION, QUERY_EVALUATE)
 PROMPTS_IMAGE_TYPE = "image-type"
 PROMPTS_CHANNELS = "channels"
 PROMPTS_SPECIALTY = "specialty"
+# every image type of the site: {type: {prompts, specialty, channels}} (a site may hold several)
+PROMPTS_TYPES = "types"
+# a site with several datasets answers copy-detection with one aggregate per dataset
+SITE_AUDITS_KIND = "medisyn-site-audit-aggregates"
+AUDIT_PARTS = "parts"
+# ... and the evaluate query with one site evaluation per dataset ("evaluations")
+SITE_EVALUATIONS_KIND = "medisyn-site-evaluations"
 
 # --------------------------------------------------------------------------- metric keys
 

@@ -43,6 +43,7 @@ from medisyn.server.config import FederationConfig, federation_from_json
 from medisyn.server.federation import (
     GlobalModel,
     Outcome,
+    answer_types,
     query_sites,
     read_status,
     site_prompts,
@@ -174,8 +175,8 @@ def _audit_prompts(grid: Grid, nodes: list[int], req: AuditRequest, node_sites: 
     for site, err in pr_errors.items():
         progress(f"site {site} did not give its prompts: {err[:200]}", site=site)
     prompts = sorted({str(p) for r in pr_results.values() for p in r.get(P.QUERY_PROMPTS, [])})
-    grey_types |= {str(r[P.PROMPTS_IMAGE_TYPE]) for r in pr_results.values()
-                   if r.get(P.PROMPTS_CHANNELS) == 1 and isinstance(r.get(P.PROMPTS_IMAGE_TYPE), str)}
+    grey_types |= {t for r in pr_results.values() for t, e in answer_types(r).items()
+                   if e.get(P.PROMPTS_CHANNELS) == 1}
     if prompts:
         progress(f"{len(prompts)} prompt(s) from {len(pr_results)} site(s): generating "
                  f"{req.n_per_prompt} image(s) each")
@@ -246,6 +247,10 @@ def _synthetic_query(cfg: FederationConfig, req: AuditRequest, prompts: list[str
     return synthetic, paths, mhash, content
 
 
+class _Refused(ValueError):
+    """A site's audit answer refused for a reason that may be named in the report."""
+
+
 def _checked_aggregates(results: dict[str, dict[str, Any]], errors: dict[str, str],
                         progress: AuditProgress) -> list[Any]:
     """Every site's answer as a :class:`SiteAggregate`, checked shareable again here; a
@@ -256,25 +261,38 @@ def _checked_aggregates(results: dict[str, dict[str, Any]], errors: dict[str, st
     aggregates: list[SiteAggregate] = []
     for site, res in sorted(results.items()):
         try:
-            agg = SiteAggregate.model_validate(res)
-            if agg.site_id != site:
-                raise ValueError(f"aggregate names site {agg.site_id!r}")
-            assert_shareable(agg.model_dump(mode="json"))
+            if res.get("kind") == P.SITE_AUDITS_KIND:  # a site with several datasets: one each
+                if res.get("site_id") != site:
+                    raise _Refused("the answer names another site")
+                parts = res.get(P.AUDIT_PARTS)
+                if not isinstance(parts, list) or not parts:
+                    raise _Refused("no aggregates in a several-dataset answer")
+                aggs = [SiteAggregate.model_validate(p) for p in parts]
+            else:
+                aggs = [SiteAggregate.model_validate(res)]
+            for agg in aggs:
+                if agg.site_id != site:
+                    raise _Refused(f"aggregate names site {agg.site_id!r}")
+                assert_shareable(agg.model_dump(mode="json"))
+            if len({a.dataset for a in aggs}) != len(aggs):
+                raise _Refused("one dataset audited twice in one answer")
         except Exception as e:  # name the problem, never echo the offending value (it may be a leaked path)
             if isinstance(e, ValidationError):
                 where = ", ".join(".".join(str(x) for x in err["loc"]) for err in e.errors()[:5])
                 errors[site] = f"rejected aggregate: not a valid site aggregate (fields: {where})"
-            elif isinstance(e, ValueError) and "aggregate names site" in str(e):
+            elif isinstance(e, _Refused):
                 errors[site] = f"rejected aggregate: {e}"
             else:
                 errors[site] = ("rejected aggregate: it failed the shareability check (a path-like "
                                 "string, a site-local value or an array-like list); nothing of it is used")
             continue
-        aggregates.append(agg)
-        o = agg.overall
-        progress(f"site {site}: {o.flagged.count}/{o.n_synthetic} flagged (held-out baseline "
-                 f"{o.holdout_baseline.rate:.3f}); detector validated: "
-                 f"{agg.validation.validated if agg.validation else None}", site=site)
+        for agg in aggs:
+            aggregates.append(agg)
+            o = agg.overall
+            which = f" ({agg.dataset})" if len(aggs) > 1 else ""
+            progress(f"site {site}{which}: {o.flagged.count}/{o.n_synthetic} flagged (held-out baseline "
+                     f"{o.holdout_baseline.rate:.3f}); detector validated: "
+                     f"{agg.validation.validated if agg.validation else None}", site=site)
     return aggregates
 
 

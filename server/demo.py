@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -163,19 +164,22 @@ def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: 
             by_prompt.setdefault(prompt, []).append(side.with_suffix(".png"))
     grids: dict[str, Path] = {}
     for site, path in site_paths.items():
-        ds = load_site_config(path).dataset
-        rows = [by_prompt[p] for p in sorted(set(label_prompts(ds).values())) if p in by_prompt]
-        if not rows:
-            continue
-        ncols = max(len(r) for r in rows)
-        images = []
-        for r in rows:
-            ims = [Image.open(f).convert("RGB") for f in r]
-            images += ims + [Image.new("RGB", ims[0].size, "white")] * (ncols - len(ims))
-        d = out_dir / "samples" / site
-        d.mkdir(parents=True, exist_ok=True)
-        make_grid(images, ncols=ncols).save(d / "grid.png")
-        grids[ds.image_type] = d / "grid.png"
+        datasets = load_site_config(path).datasets
+        for ds in datasets:
+            rows = [by_prompt[p] for p in sorted(set(label_prompts(ds).values())) if p in by_prompt]
+            if not rows:
+                continue
+            ncols = max(len(r) for r in rows)
+            images = []
+            for r in rows:
+                ims = [Image.open(f).convert("RGB") for f in r]
+                images += ims + [Image.new("RGB", ims[0].size, "white")] * (ncols - len(ims))
+            d = out_dir / "samples" / site
+            if len(datasets) > 1:  # a site with several datasets: one folder per image type
+                d = d / re.sub(r"[^A-Za-z0-9]+", "-", ds.image_type).strip("-").lower()
+            d.mkdir(parents=True, exist_ok=True)
+            make_grid(images, ncols=ncols).save(d / "grid.png")
+            grids[ds.image_type] = d / "grid.png"
     return grids
 
 

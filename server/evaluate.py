@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,24 @@ class EvaluateRequest(BaseModel):
                 "classifier_steps": self.classifier_steps, "encoder_steps": self.encoder_steps}
 
 
+def _check_site_answer(site: str, res: dict[str, Any]) -> str | None:
+    """Why a site's answer is refused (None: accepted): one evaluation, or one per dataset
+    of a site that holds several (each checked as one)."""
+    if res.get("kind") == P.SITE_EVALUATIONS_KIND:
+        if res.get("site_id") != site:
+            return "rejected answer: it names another site"
+        parts = res.get("evaluations")
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+            return "rejected answer: no evaluations in a several-dataset answer"
+        types = [p.get("image_type") for p in parts]
+        if len(set(map(str, types))) != len(types):
+            return "rejected answer: an image type twice in one site's answer"
+        return next((why for why in (_check_site_result(site, p) for p in parts) if why), None)
+    return _check_site_result(site, res)
+
+
 def _check_site_result(site: str, res: dict[str, Any]) -> str | None:
-    """Why a site's answer is refused (None: accepted). Never echoes the offending value."""
+    """Why a site's evaluation is refused (None: accepted). Never echoes the offending value."""
     from medisyn.audit.report import assert_shareable
 
     if res.get("kind") != SITE_KIND:
@@ -110,44 +126,56 @@ def _check_site_result(site: str, res: dict[str, Any]) -> str | None:
     return None
 
 
-def _gallery(comps: Any, results: dict[str, dict[str, Any]], req: EvaluateRequest, keys: dict[str, str]
-             ) -> dict[str, Any]:
+def _gallery(comps: Any, results: dict[str, dict[str, Any]], req: EvaluateRequest,
+             keys: dict[tuple[str, str], str]) -> dict[str, Any]:
     """The first ``gallery_per_prompt`` images of each prompt, regenerated here from the same
     model and seeds as the site's (image j of the site's i-th prompt has seed
-    ``seed + i * n_per_label + j``); real images stay at the sites."""
-    import numpy as np
-
-    from medisyn.generate import generate, grey_image_types
+    ``seed + i * n_per_label + j``); real images stay at the sites. ``keys``: (site, image
+    type) -> the joined report's type key."""
+    from medisyn.evaluation import site_parts
 
     out: dict[str, Any] = {}
     g = min(req.gallery_per_prompt, req.n_per_label)
     if g < 1:
         return out
     for site, res in results.items():
-        entry = res["type"]
-        if entry.get("skipped", {}).get("all"):
-            continue
-        labels = [str(x) for x in entry.get("labels", [])]
-        prompts = entry.get("prompts", {})
-        per: dict[str, Any] = {}
-        for i, lab in enumerate(labels):
-            p = prompts.get(lab)
-            if not isinstance(p, str):
+        for part in site_parts(res):
+            entry = part["type"]
+            if entry.get("skipped", {}).get("all"):
                 continue
-            grey = {str(entry.get("image_type"))} if entry.get("channels") == 1 else set()
-            items = generate(comps, [p], n_per_prompt=g, seed=req.seed + i * req.n_per_label, steps=req.steps,
-                             guidance=req.guidance, guidance_interval=req.guidance_interval,
-                             scheduler=req.scheduler, batch_size=64,
-                             grey_types=grey | grey_image_types(comps))
-            per[lab] = {"prompt": p, "synthetic": [np.asarray(x.image) for x in items], "real": [],
-                        "real_note": f"real images stay at site {site}"}
-        out[keys[site]] = per
+            key = keys.get((site, str(part.get("image_type"))))
+            if key is not None:
+                out[key] = _gallery_rows(comps, site, entry, req, g)
     return out
+
+
+def _gallery_rows(comps: Any, site: str, entry: Mapping[str, Any], req: EvaluateRequest, g: int
+                  ) -> dict[str, Any]:
+    """One image type's gallery: ``g`` images of each label's prompt, regenerated here."""
+    import numpy as np
+
+    from medisyn.generate import generate, grey_image_types
+
+    labels = [str(x) for x in entry.get("labels", [])]
+    prompts = entry.get("prompts", {})
+    per: dict[str, Any] = {}
+    for i, lab in enumerate(labels):
+        p = prompts.get(lab)
+        if not isinstance(p, str):
+            continue
+        grey = {str(entry.get("image_type"))} if entry.get("channels") == 1 else set()
+        items = generate(comps, [p], n_per_prompt=g, seed=req.seed + i * req.n_per_label, steps=req.steps,
+                         guidance=req.guidance, guidance_interval=req.guidance_interval,
+                         scheduler=req.scheduler, batch_size=64,
+                         grey_types=grey | grey_image_types(comps))
+        per[lab] = {"prompt": p, "synthetic": [np.asarray(x.image) for x in items], "real": [],
+                    "real_note": f"real images stay at site {site}"}
+    return per
 
 
 def run_evaluate(grid: Grid, cfg: FederationConfig, req: EvaluateRequest, *, attempt: str = "") -> str:
     """The ServerApp's evaluate mode; returns an :class:`Outcome` and writes the report."""
-    from medisyn.evaluation import join_site_evaluations, make_settings
+    from medisyn.evaluation import join_site_evaluations, make_settings, site_parts
     from medisyn.evaluation_report import summary_lines, write_evaluation
     from medisyn.models import model_hash, read_model_meta
 
@@ -195,20 +223,21 @@ def run_evaluate(grid: Grid, cfg: FederationConfig, req: EvaluateRequest, *, att
                                   max_parallel=req.max_parallel_sites or cfg.max_parallel_sites)
     accepted: dict[str, dict[str, Any]] = {}
     for site, res in sorted(results.items()):
-        why = _check_site_result(site, res)
+        why = _check_site_answer(site, res)
         if why:
             errors[site] = why
             continue
         accepted[site] = res
-        progress(f"site {site}: evaluated {res.get('image_type')} ({res.get('n_synthetic')} synthetic "
-                 f"images, {res.get('timings', {}).get('total_seconds', '?')} s)", site=site)
+        for part in site_parts(res):
+            progress(f"site {site}: evaluated {part.get('image_type')} ({part.get('n_synthetic')} synthetic "
+                     f"images, {part.get('timings', {}).get('total_seconds', '?')} s)", site=site)
     for site, err in errors.items():
         progress(f"site {site}: evaluation failed: {err[:300]}", site=site)
     progress(f"site evaluations took {time.time() - t0:.1f} s")
 
     joined = join_site_evaluations(accepted, site_errors=errors, model_hash=mhash, settings=settings,
                                    expected_sites=expected, config_hash=cfg.hash())
-    keys = {str(v.get("site")): k for k, v in joined["types"].items()}
+    keys = {(str(v.get("site")), str(v.get("image_type"))): k for k, v in joined["types"].items()}
     t1 = time.time()
     gallery = _gallery(model.components, accepted, req, keys)
     joined["timings"]["gallery_seconds"] = round(time.time() - t1, 2)

@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,6 +335,27 @@ def site_prompts(grid: Grid, nodes: list[int], timeout: float, node_sites: dict[
                        timeout, node_sites)
 
 
+def answer_types(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The image types of one site's ``prompts`` answer: ``{type: {prompts, specialty,
+    channels}}`` from ``P.PROMPTS_TYPES`` (a site may hold several), else from the single-type
+    keys of a site that answers only those. Malformed entries are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    listed = r.get(P.PROMPTS_TYPES)
+    if isinstance(listed, dict):
+        items = [(t, e) for t, e in listed.items() if isinstance(e, dict)]
+    elif isinstance(r.get(P.PROMPTS_IMAGE_TYPE), str):
+        items = [(r[P.PROMPTS_IMAGE_TYPE], r)]
+    else:
+        items = []
+    for t, e in items:
+        if not isinstance(t, str):
+            continue
+        ps = e.get(P.QUERY_PROMPTS, [])
+        out[t] = {P.QUERY_PROMPTS: sorted({str(p) for p in ps if isinstance(p, str)}) if isinstance(ps, list) else [],
+                  P.PROMPTS_SPECIALTY: e.get(P.PROMPTS_SPECIALTY), P.PROMPTS_CHANNELS: e.get(P.PROMPTS_CHANNELS)}
+    return out
+
+
 def site_catalogue(grid: Grid, cfg: FederationConfig, node_sites: dict[int, str]
                    ) -> tuple[list[str], dict[str, dict[str, Any]], int]:
     """Ask every site for its prompts (the ``prompts`` query: dataset metadata, no records).
@@ -348,15 +369,16 @@ def site_catalogue(grid: Grid, cfg: FederationConfig, node_sites: dict[int, str]
     prompts: set[str] = set()
     types: dict[str, dict[str, Any]] = {}
     for r in results.values():
-        ps = sorted({str(p) for p in r.get(P.QUERY_PROMPTS, []) if isinstance(p, str)})
-        prompts |= set(ps)
-        t = r.get(P.PROMPTS_IMAGE_TYPE)
-        if isinstance(t, str) and ps:
+        prompts |= {str(p) for p in r.get(P.QUERY_PROMPTS, []) if isinstance(p, str)}
+        for t, answered in answer_types(r).items():
+            ps = answered[P.QUERY_PROMPTS]
+            if not ps:
+                continue
             entry = types.setdefault(t, {"channels": 1, "prompts": []})
-            entry["channels"] = max(entry["channels"], 3 if r.get(P.PROMPTS_CHANNELS) != 1 else 1)
+            entry["channels"] = max(entry["channels"], 3 if answered.get(P.PROMPTS_CHANNELS) != 1 else 1)
             entry["prompts"] = sorted(set(entry["prompts"]) | set(ps))
-            if isinstance(r.get(P.PROMPTS_SPECIALTY), str):
-                entry["specialty"] = r[P.PROMPTS_SPECIALTY]
+            if isinstance(answered.get(P.PROMPTS_SPECIALTY), str):
+                entry["specialty"] = answered[P.PROMPTS_SPECIALTY]
     logger.info("%d prompt(s) of %d image type(s) from %d site(s)", len(prompts), len(types), len(results))
     return sorted(prompts), types, len(results)
 

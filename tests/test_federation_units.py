@@ -222,7 +222,9 @@ def test_federation_in_process_trains_checkpoints_and_replies_are_clean(tmp_path
     own: dict[str, list[str]] = {}
     for reply in queries:
         answer = json.loads(reply.content.config_records[P.RESULT][P.RESULT_JSON])
-        assert set(answer) == {P.QUERY_PROMPTS, P.PROMPTS_IMAGE_TYPE, P.PROMPTS_SPECIALTY, P.PROMPTS_CHANNELS}
+        assert set(answer) == {P.QUERY_PROMPTS, P.PROMPTS_TYPES, P.PROMPTS_IMAGE_TYPE, P.PROMPTS_SPECIALTY,
+                               P.PROMPTS_CHANNELS}
+        assert list(answer[P.PROMPTS_TYPES]) == [answer[P.PROMPTS_IMAGE_TYPE]]
         assert not any(s in json.dumps(answer) for s in secrets)
         own[reply.content.config_records["site"]["site-id"]] = answer[P.QUERY_PROMPTS]
     everyone = {p for ps in own.values() for p in ps}
