@@ -301,11 +301,38 @@ def privacy_toml(p: dict[str, Any]) -> str:
             f"delta = {p['delta']!r}\naccountant = \"{p['accountant']}\"\n")
 
 
+def site_groups(spec: str) -> list[list[str]]:
+    """``--federated-sites``: the federated arms' sites, each a list of the datasets it
+    holds (default: one site per dataset). Every dataset at exactly one site."""
+    if not spec.strip():
+        return [[s] for s in SITES]
+    groups = [[x.strip() for x in g.split("+") if x.strip()] for g in spec.split(",") if g.strip()]
+    held = sorted(x for g in groups for x in g)
+    if held != sorted(SITES):
+        raise SystemExit(f"error: --federated-sites {spec!r}: every one of {', '.join(SITES)} at exactly one site")
+    return groups
+
+
+def group_id(group: Sequence[str]) -> str:
+    """The site id of a group of datasets (``breast-us_and_chest-xray``)."""
+    return "_and_".join(group)
+
+
+def group_texts(texts: dict[str, str], groups: list[list[str]]) -> dict[str, str]:
+    """Per federated site, its dataset table(s): ``[[dataset]]`` tables for a site with several."""
+    out = {}
+    for g in groups:
+        out[group_id(g)] = (texts[g[0]] if len(g) == 1
+                            else "\n".join(texts[s].replace("[dataset]", "[[dataset]]") for s in g))
+    return out
+
+
 def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: ModelConfig, train_cfg: TrainConfig,
                     plan: dict[str, Any], *, dp: dict[str, dict[str, Any]] | None, threads: int,
-                    seed: int, strategy: Any = None) -> dict[str, Any]:
+                    seed: int, strategy: Any = None, groups: list[list[str]] | None = None) -> dict[str, Any]:
     """One real federation on loopback: the run (checkpoints, metrics.jsonl, logs) in
-    ``arm_dir``, the global model in ``arm_dir/model``."""
+    ``arm_dir``, the global model in ``arm_dir/model``. ``groups``: the sites as groups of
+    datasets (:func:`site_groups`); a site holding k datasets takes k sites' steps."""
     from medisyn.server.config import FederationConfig, ServerSuperLink, StrategyConfig
     from medisyn.server.demo import run_federation, write_site_configs
     from medisyn.server.federation import iter_metrics
@@ -313,9 +340,20 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
     from medisyn.procs import free_port
 
     port = free_port()
-    fed = plan["federated"]
+    fed = dict(plan["federated"])
+    groups = groups or [[s] for s in SITES]
+    sites = [group_id(g) for g in groups]
+    if len(groups) != len(SITES):
+        if dp:
+            raise SystemExit("error: --federated-sites with the DP arm (d) is not planned: its σ is per dataset")
+        if len({len(g) for g in groups}) != 1:
+            raise SystemExit("error: --federated-sites: every site needs as many datasets (equal steps per site)")
+        k = len(groups[0])
+        fed = {**fed, **{f"{st}_steps_per_site_per_round": fed[f"{st}_steps_per_site_per_round"] * k
+                         for st in ("unet", "vae")}}
+        texts = group_texts(texts, groups)
     # cyclic: one site trains at a time, with all the threads
-    per_site_threads = threads if strategy is not None and strategy.name == "cyclic" else max(1, threads // len(SITES))
+    per_site_threads = threads if strategy is not None and strategy.name == "cyclic" else max(1, threads // len(sites))
     stages = ["vae", "unet"] if fed["vae_steps_per_site_per_round"] else ["unet"]  # --vae-steps 0: no VAE stage
     cfg = FederationConfig(
         name=f"medisyn-study-{arm}",
@@ -324,7 +362,7 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
         local_steps=1,
         stage_local_steps={s: fed[f"{s}_steps_per_site_per_round"] for s in stages},
         stages=stages,
-        min_sites=len(SITES),
+        min_sites=len(sites),
         round_timeout=6 * 3600,
         site_wait_timeout=600,
         evaluate=False,  # the study evaluates the final model with medisyn.evaluation
@@ -333,11 +371,11 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
         strategy=strategy or StrategyConfig(name="fedavg"),
         model=model_cfg,
         train=train_cfg.model_copy(update={"num_threads": per_site_threads}),
-        sites=list(SITES),
+        sites=sites,
         superlink=ServerSuperLink(host="127.0.0.1", port=port, insecure=True, database="memory"),
         run_dir=arm_dir,
     )
-    site_paths = write_site_configs(arm_dir, port, sites=SITES, datasets=texts,
+    site_paths = write_site_configs(arm_dir, port, sites=sites, datasets=texts,
                                     privacy={s: privacy_toml(p) for s, p in dp.items()} if dp else None)
     def echo(m: str) -> None:
         for line in str(m).splitlines() or [""]:
@@ -346,7 +384,8 @@ def train_federated(arm: str, arm_dir: Path, texts: dict[str, str], model_cfg: M
     code = run_federation(cfg, site_paths, echo=echo, threads_per_site=per_site_threads)
     rounds = list(iter_metrics(arm_dir))
     out: dict[str, Any] = {"exit_code": code, "federation_config_hash": cfg.hash(),
-                           "threads_per_site": per_site_threads, "rounds": []}
+                           "threads_per_site": per_site_threads, "sites": {g: d for g, d in zip(sites, groups, strict=True)},
+                           "steps_per_site_per_round": fed["unet_steps_per_site_per_round"], "rounds": []}
     for r in rounds:
         out["rounds"].append({"round": r.get("round"), "stage": r.get("stage"), "loss": r.get("loss"),
                               "seconds": r.get("seconds"), "answered": r.get("answered"), "failed": r.get("failed"),
@@ -404,7 +443,8 @@ def train_arm(arm: str, out: Path, texts: dict[str, str], dcfgs: dict[str, Datas
 
             strategy = arm_e_strategy(args) if arm == "e" else None
             rec["train"] = train_federated(arm, arm_dir, texts, model_cfg, train_cfg, plan, dp=dp,
-                                           threads=args.threads, seed=args.seed, strategy=strategy)
+                                           threads=args.threads, seed=args.seed, strategy=strategy,
+                                           groups=site_groups(args.federated_sites))
     log(f"   arm {arm} trained: {rec['train_time']['wall_seconds']} s wall, {rec['train_time']['cpu_seconds']} s CPU")
     (arm_dir / "train.json").write_text(json.dumps(finite(rec), indent=2, default=str, allow_nan=False))
     return rec
@@ -422,11 +462,15 @@ def arm_e_strategy(args: argparse.Namespace) -> Any:
 
 
 def arm_e_where(args: argparse.Namespace) -> str:
+    groups = site_groups(args.federated_sites)
+    held = "" if len(groups) == len(SITES) else (
+        f"; {len(groups)} sites holding {' / '.join('+'.join(g) for g in groups)} (each {len(groups[0])} sites' steps)")
     if args.server_opt == "cyclic":
-        return "cyclic: each round the sites train one after another, each from the previous site's model (order rotating)"
+        return ("cyclic: each round the sites train one after another, each from the previous site's model "
+                f"(order rotating){held}")
     opt = (f"FedAdam with eta {args.server_eta:g}, tau {args.server_tau:g}" if args.server_opt == "fedadam"
            else f"FedAvgM with server lr {args.server_lr:g}, momentum {args.server_momentum:g}")
-    return f"{opt}, sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}"
+    return f"{opt}, sites weighted {'equally' if args.weighting == 'equal' else 'by examples'}{held}"
 
 
 def model_dirs(arm: str, out: Path) -> dict[str, Path]:
@@ -680,6 +724,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--weighting", choices=("examples", "equal"), default="examples",
                     help="arm e's site weights: by num-examples (FedAvg's) or equal")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (federated: split over the 4 sites)")
+    ap.add_argument("--federated-sites", default="",
+                    help="the federated arms' sites as groups of the four datasets, e.g. "
+                         "'breast-us+chest-xray,fundus+dermoscopy': two sites that each hold two datasets "
+                         "([[dataset]] tables), each taking the steps of the sites it stands for (same "
+                         "budget); default: one site per dataset")
     ap.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
     ap.add_argument("--grid-per-label", type=int, default=4)
     ap.add_argument("--skip-train", action="store_true", help="evaluate the models already in OUT/<arm>")
@@ -733,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--budget-steps, --batch, --rounds, --vae-rounds, --n-per-label and --threads must be >= 1")
     if args.vae_steps < 0:
         ap.error("--vae-steps must be >= 0 (0: the shipped procedural autoencoder, no VAE stage)")
+    site_groups(args.federated_sites)  # a bad grouping fails before any arm trains
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
