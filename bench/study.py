@@ -737,14 +737,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def federated_sites_text(args: argparse.Namespace, plan: dict[str, Any]) -> str:
+    """The federated arms' sites and steps, as the study ran them (``--federated-sites``)."""
+    groups = site_groups(args.federated_sites)
+    fed = plan["federated"]
+    k = len(SITES) // len(groups)
+    held = "" if k == 1 else f" (each holding {k} datasets: {' / '.join('+'.join(g) for g in groups)})"
+    return (f"{len(groups)} sites{held} x {fed['unet_rounds']} UNet rounds x "
+            f"{fed['unet_steps_per_site_per_round'] * k} steps")
+
+
 def _markdown(study: dict[str, Any], plan: dict[str, Any], args: argparse.Namespace, type_names: list[str]) -> str:
     """study.md: the table, training cost, warnings, DP ε and the comparisons (sets
     ``study["warnings"]``)."""
     md = table(study, type_names)
     lines = [f"# MediSyn study: generalist vs specialist ({time.strftime('%Y-%m-%d')})", "",
              f"Budget per arm: {plan['unet_steps_total']} UNet + {plan['vae_steps_total']} VAE optimizer steps of "
-             f"batch {plan['batch_size']}; federated: {plan['n_sites']} sites x {plan['federated']['unet_rounds']} "
-             f"UNet rounds x {plan['federated']['unet_steps_per_site_per_round']} steps; specialists: "
+             f"batch {plan['batch_size']}; federated: {federated_sites_text(args, plan)}; specialists: "
              f"{plan['steps_per_site']['unet']} UNet + {plan['steps_per_site']['vae']} VAE steps each. "
              f"Evaluation: {args.n_per_label} images per label, seed {args.seed}. DP arm: every site DP-SGD, "
              f"ε ≤ {DP_TARGET_EPSILON:g} at δ = {DP_DELTA:g} ({DP_ACCOUNTANT}).", "", md, "",

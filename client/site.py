@@ -449,7 +449,7 @@ def _warm_audit_index(site: SiteConfig, audit_cfg: Any, model: str):  # noqa: AN
     key = content_key(*prepared_key(
         dataset=dataset.model_dump_json(), data_files=WARM.hasher.tree(Path(dataset.path)),
         audit=audit_cfg, model=model, cache_dir=Path(site.site.state_dir) / "audit" / "encoders"))
-    return lambda build: WARM.get("audit-index", key, build)
+    return lambda build: WARM.get(f"audit-index:{dataset.image_type}", key, build)
 
 
 def dumps_config(config: Mapping[str, Any]) -> str:

@@ -162,7 +162,8 @@ class WarmCache:
         from medisyn.data import load_dataset
 
         key = self.dataset_key(dataset_cfg, resolution=resolution, channels=channels, splits=splits)
-        kind = "dataset:" + ",".join(splits or [])
+        # one slot group per dataset and splits: a site with several datasets keeps each
+        kind = f"dataset:{dataset_cfg.image_type}:" + ",".join(splits or [])
         return self.get(kind, key, lambda: load_dataset(dataset_cfg, resolution=resolution,
                                                         channels=channels, splits=splits))
 

@@ -730,16 +730,16 @@ def test_site_keeps_the_audit_index_warm_per_model_and_data(tmp_path, client_app
             return json.loads((tmp_path / out / "release_report.json").read_text())
 
         first = audit("a1")
-        assert len(fits) == 1 and len(WARM.keys("audit-index")) == 1
+        assert len(fits) == 1 and len(WARM.keys("audit-index:fundus photograph")) == 1
         second = audit("a2")
-        assert len(fits) == 1 and len(WARM.keys("audit-index")) == 1  # the kept index served it
+        assert len(fits) == 1 and len(WARM.keys("audit-index:fundus photograph")) == 1  # the kept index served it
         assert [s["flagged_ids"] for s in first["sites"]] == [s["flagged_ids"] for s in second["sites"]]
         assert first["sites"][0]["views"] == second["sites"][0]["views"]
         model_file = next((cfg.run_dir / "model" / "unet").glob("*.safetensors"))
         state = load_file(str(model_file))
         save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(model_file))
         audit("a3")  # another model: its VAE view differs, a new index is built
-        assert len(fits) == 2 and len(WARM.keys("audit-index")) == 2
+        assert len(fits) == 2 and len(WARM.keys("audit-index:fundus photograph")) == 2
     finally:
         E.PixelEmbedder.fit = orig
         WARM.clear()

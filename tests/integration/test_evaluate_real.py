@@ -27,11 +27,16 @@ TINY = {
 }
 
 
-def _site(tmp: Path, site: str, port: int) -> Path:
+def _site(tmp: Path, site: str, port: int, datasets: list[str] | None = None) -> Path:
+    """``site``'s demo dataset, or one ``[[dataset]]`` table per demo dataset in ``datasets``."""
     d = tmp / "sites" / site
     d.mkdir(parents=True, exist_ok=True)
-    ds = (DEMO / site / "dataset.toml").read_text().replace(
-        'path = "dataset.npz"', f'path = "{(DEMO / site / "dataset.npz").as_posix()}"')
+    tables = []
+    for name in datasets or [site]:
+        t = (DEMO / name / "dataset.toml").read_text().replace(
+            'path = "dataset.npz"', f'path = "{(DEMO / name / "dataset.npz").as_posix()}"')
+        tables.append(t.replace("[dataset]", "[[dataset]]") if datasets else t)
+    ds = "\n".join(tables)
     p = d / "site.toml"
     p.write_text(f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{ds}\n'
                  f'[superlink]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -72,14 +77,16 @@ def _kill_leftovers(markers: list[str]) -> None:
 @pytest.mark.timeout(400)
 def test_federated_evaluation_with_real_daemons(tmp_path):
     """Two sites evaluate the run's model on their own data and answer with aggregates
-    only; the coordinator writes evaluation.json/html with one entry per image type."""
+    only; the coordinator writes evaluation.json/html with one entry per image type. The
+    second site ("general") holds two datasets and answers one evaluation for each."""
     from medisyn.audit.report import assert_shareable
     from medisyn.client.supervisor import SiteSupervisor
 
     port = free_port()
-    sites = ["breast-us", "dermoscopy"]
+    sites = ["breast-us", "general"]
     cfg = _finished_run(tmp_path, port, sites)
-    sups = [SiteSupervisor(_site(tmp_path, s, port), extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
+    sups = [SiteSupervisor(_site(tmp_path, s, port, datasets=["dermoscopy", "chest-xray"] if s == "general" else None),
+                           extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
             for s in sites]
     out = tmp_path / "evaluation"
     t0 = time.monotonic()
@@ -99,10 +106,14 @@ def test_federated_evaluation_with_real_daemons(tmp_path):
     print(f"federated evaluation took {time.monotonic() - t0:.1f} s")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "evaluate: site breast-us: evaluated breast ultrasound" in res.stdout
+    assert "evaluate: site general: evaluated paediatric chest X-ray" in res.stdout
     assert "evaluation report:" in res.stdout
     r = json.loads((out / "evaluation.json").read_text())
     assert r["sites"] == sorted(sites) and r["site_errors"] == {}
-    assert set(r["types"]) == {"breast ultrasound", "dermoscopy"}
+    assert set(r["types"]) == {"breast ultrasound", "dermoscopy", "paediatric chest X-ray"}
+    assert {t: e["site"] for t, e in r["types"].items()} == {
+        "breast ultrasound": "breast-us", "dermoscopy": "general", "paediatric chest X-ray": "general"}
+    assert r["types"]["paediatric chest X-ray"]["channels"] == 1 and r["types"]["dermoscopy"]["channels"] == 3
     for e in r["types"].values():
         assert e["n_synthetic"] == 8 and e["metrics"]["fd"] is not None
         assert e["metrics"]["tstr_balanced_accuracy"] is not None

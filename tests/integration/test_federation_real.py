@@ -35,12 +35,17 @@ TINY = {
 }
 
 
-def site_toml(tmp: Path, site: str, port: int, privacy: str = "") -> Path:
+def site_toml(tmp: Path, site: str, port: int, privacy: str = "", datasets: list[str] | None = None) -> Path:
+    """A site TOML over the demo data: ``site``'s dataset, or one ``[[dataset]]`` table per
+    demo dataset in ``datasets`` (a site that holds several)."""
     d = tmp / "sites" / site
     d.mkdir(parents=True, exist_ok=True)
-    ds = (DEMO / site / "dataset.toml").read_text().replace(
-        'path = "dataset.npz"', f'path = "{(DEMO / site / "dataset.npz").as_posix()}"'
-    )
+    tables = []
+    for name in datasets or [site]:
+        t = (DEMO / name / "dataset.toml").read_text().replace(
+            'path = "dataset.npz"', f'path = "{(DEMO / name / "dataset.npz").as_posix()}"')
+        tables.append(t.replace("[dataset]", "[[dataset]]") if datasets else t)
+    ds = "\n".join(tables)
     p = d / "site.toml"
     p.write_text(f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{ds}\n{privacy}\n'
                  f'[superlink]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -217,21 +222,23 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     `medisyn-server start --resume` continues at round 2 and ends at round 2.
 
     One site trains under DP-SGD: its ε grows round over round, across the server crash,
-    and equals a fresh Opacus accountant fed the history in the site's ledger.
+    and equals a fresh Opacus accountant fed the history in the site's ledger. The other
+    ("general") holds two datasets, dermoscopy and fundus (``[[dataset]]`` tables).
 
     Then `medisyn-server audit` (a new SuperLink; the same site daemons) runs the release
-    audit of the final model: the report carries that ε, both sites' aggregates, and the
-    gate's verdict, which `medisyn audit gate` reproduces."""
+    audit of the final model: the report carries that ε, both sites' aggregates (general:
+    one per dataset), and the gate's verdict, which `medisyn audit gate` reproduces."""
     from medisyn.client.supervisor import SiteSupervisor
 
     port = free_port()
     cleanup.ports.append(port)
-    sites = ["breast-us", "dermoscopy"]
+    sites = ["breast-us", "general"]
     cfg = federation(tmp_path, port, sites, stages=["vae", "unet"], rounds=1)
     cfg_path = tmp_path / "federation.toml"
     cfg_path.write_text(_toml(cfg))
     dp = '[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 50.0\naccountant = "rdp"\n'
-    sups = [SiteSupervisor(site_toml(tmp_path, s, port, privacy=(dp if s == "breast-us" else "") + AUDIT_FAST),
+    sups = [SiteSupervisor(site_toml(tmp_path, s, port, privacy=(dp if s == "breast-us" else "") + AUDIT_FAST,
+                                     datasets=["dermoscopy", "fundus"] if s == "general" else None),
                            extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
             for s in sites]
     cleanup.extend(s.daemon.pid for s in sups)
@@ -277,7 +284,7 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     # DP at breast-us: cumulative ε, checked against a fresh accountant on the ledger.
     eps = [r["sites"]["breast-us"]["epsilon"] for r in records]
     assert 0 < eps[0] < eps[1]
-    assert "epsilon" not in records[1]["sites"]["dermoscopy"] or records[1]["sites"]["dermoscopy"]["epsilon"] in (None, "-")
+    assert "epsilon" not in records[1]["sites"]["general"] or records[1]["sites"]["general"]["epsilon"] in (None, "-")
     from opacus.accountants import RDPAccountant
 
     ledger = json.loads((tmp_path / "sites" / "breast-us" / "state" / "privacy-ledger.json").read_text())
@@ -290,19 +297,25 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     from medisyn.audit.report import ReleaseReport
 
     assert audit.returncode == 1, audit.stdout + audit.stderr  # report written, gate failed
-    assert "release gate: FAIL" in audit.stdout and "dermoscopy: ε within cap" in audit.stdout
+    assert "release gate: FAIL" in audit.stdout and "general: ε within cap" in audit.stdout
     rep = ReleaseReport.model_validate_json((audit_out / "release_report.json").read_text())
     assert {a.site_id for a in rep.sites} == set(sites) and rep.site_errors == {}
+    # general audited each of its datasets on its own; the gate names each
+    assert sorted((a.site_id, a.dataset) for a in rep.sites) == [
+        ("breast-us", "breast ultrasound"), ("general", "dermoscopy"), ("general", "fundus photograph")]
+    checks = {c.name for c in rep.gate.checks}
+    assert {"general [dermoscopy]: flagged images excluded", "general [fundus photograph]: flagged images excluded",
+            "breast-us: flagged images excluded"} <= checks
     assert rep.privacy["breast-us"].epsilon == pytest.approx(eps[1], rel=1e-6)
-    assert rep.privacy["dermoscopy"].dp is False
+    assert rep.privacy["general"].dp is False
     n_prompts = len(set(rep.prompts.values()))
-    assert n_prompts >= 2 + 2 and len(rep.synthetic_ids) == 2 * n_prompts  # breast 2 labels, derm ≥ 2
+    assert n_prompts >= 2 + 2 + 5 and len(rep.synthetic_ids) == 2 * n_prompts  # breast 2, derm ≥ 2, fundus 5
     assert rep.model_hash and rep.config_hash == cfg.hash()
     text = (audit_out / "release_report.json").read_text()
     assert str(tmp_path) not in text and str(DEMO) not in text
     gate = subprocess.run([executable("medisyn"), "audit", "gate", str(audit_out / "release_report.json")],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert gate.returncode == 1 and "dermoscopy: ε within cap" in gate.stdout
+    assert gate.returncode == 1 and "general: ε within cap" in gate.stdout
     assert len(list((audit_out / "released").glob("*.png"))) == len(rep.released_ids)
 
 
