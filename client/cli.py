@@ -59,9 +59,10 @@ def check(
         if "error" in report:
             typer.echo(f"error: {report['error']}", err=True)
         data = report.get("data")
-        if data:
-            typer.echo(f"site {report['site_id']}: {data['n_images']} images, splits {data['per_split']}, "
-                       f"exact duplicates {data['exact_duplicates']} (cross-split {data['cross_split_duplicates']})")
+        for d in (data if isinstance(data, list) else [data] if data else []):  # one per [[dataset]]
+            typer.echo(f"site {report['site_id']}: {d['image_type']}: {d['n_images']} images, splits "
+                       f"{d['per_split']}, exact duplicates {d['exact_duplicates']} "
+                       f"(cross-split {d['cross_split_duplicates']})")
         if "policy" in report:
             typer.echo(f"policy: {report['policy']}")
         if "superlink" in report:

@@ -256,7 +256,7 @@ def check_site(site_path: Path) -> tuple[int, dict[str, Any]]:
 
         datas = []
         for ds in site.datasets:
-            data = check_dataset(ds).to_dict()
+            data = {"image_type": ds.image_type, **check_dataset(ds).to_dict()}
             datas.append(data)
             train = sum(n for s, n in data["per_split"].items() if s in ds.split.train)
             if train == 0:

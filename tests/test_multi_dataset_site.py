@@ -203,3 +203,33 @@ def test_federated_evaluation_lists_each_dataset_of_a_site(tmp_path):
     assert _check_site_answer("other", answer) == "rejected answer: it names another site"
     same = {**answer, "evaluations": [answer["evaluations"][0]] * 2}
     assert "twice" in (_check_site_answer("general", same) or "")
+
+
+def test_data_check_and_client_check_report_every_dataset(tmp_path):
+    """`medisyn data check` and `medisyn-client check` read every [[dataset]] table; a bad
+    one is named."""
+    import subprocess
+    import sys
+
+    from medisyn.procs import executable
+
+    p = multi_site(tmp_path, "general", ["breast-us", "dermoscopy"])
+    r = subprocess.run([sys.executable, "-m", "medisyn.cli", "data", "check", str(p)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "radiology, breast ultrasound, malignant" in r.stdout and "dermatology, dermoscopy, benign" in r.stdout
+    assert r.stdout.count("dataset   ") == 2
+    r = subprocess.run([executable("medisyn-client"), "check", "--site", str(p)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "site general: breast ultrasound: " in r.stdout and "site general: dermoscopy: " in r.stdout
+    # a bad table is named by its file (exit 3, data)
+    bad = p.read_text().replace('[[dataset]]\npath = "' + (DEMO / "dermoscopy" / "dataset.npz").as_posix() + '"',
+                                '[[dataset]]\nsplit = { train = ["nope"] }\npath = "'
+                                + (DEMO / "dermoscopy" / "dataset.npz").as_posix() + '"')
+    assert bad != p.read_text()
+    p.write_text(bad)
+    r = subprocess.run([executable("medisyn-client"), "check", "--site", str(p)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "dermoscopy/dataset.npz" in r.stderr and "neither training splits ['nope']" in r.stderr
