@@ -233,3 +233,32 @@ def test_data_check_and_client_check_report_every_dataset(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "dermoscopy/dataset.npz" in r.stderr and "neither training splits ['nope']" in r.stderr
+
+
+def test_audit_site_cli_writes_one_report_per_dataset(tmp_path):
+    """`medisyn audit site` at a two-dataset site: one audit (report folder, aggregate) per
+    dataset, each named in its output line."""
+    import subprocess
+    import sys
+
+    from medisyn.client.site import prompts_answer
+    from PIL import Image
+
+    from medisyn.config import load_site_config
+
+    p = multi_site(tmp_path, "general", ["breast-us", "dermoscopy"], extra=AUDIT_FAST)
+    prompts = prompts_answer(load_site_config(p))[P.QUERY_PROMPTS]
+    syn = tmp_path / "synthetic"
+    syn.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(syn / f"s{i}.png")
+        (syn / f"s{i}.json").write_text(json.dumps({"prompt": prompts[i % len(prompts)]}))
+    out = tmp_path / "audit"
+    r = subprocess.run([sys.executable, "-m", "medisyn.cli", "audit", "site", "--site", str(p), "--synthetic", str(syn),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "site general (breast ultrasound): " in r.stdout and "site general (dermoscopy): " in r.stdout
+    for folder, image_type in (("breast-ultrasound", "breast ultrasound"), ("dermoscopy", "dermoscopy")):
+        agg = json.loads((out / folder / "aggregate.json").read_text())
+        assert agg["dataset"] == image_type and agg["n_synthetic"] == 8
