@@ -412,10 +412,39 @@ class SiteConfig(_Frozen):
 # --------------------------------------------------------------------------- loading
 
 
+def _union_member(seg: Any) -> bool:
+    """A location segment pydantic adds for a member of a union (``DatasetConfig``,
+    ``tuple[DatasetConfig, ...]``), not a key of the file."""
+    return isinstance(seg, str) and ((seg[:1].isupper() and seg.isidentifier()) or seg.startswith("tuple["))
+
+
+def _shown_errors(errors: list[Any]) -> list[Any]:
+    """A union (``[dataset]`` or ``[[dataset]]`` tables) reports an error per member; keep
+    the member the input's shape chose: a member's "wrong shape" error is dropped when
+    another member of the same union reported an error inside the input."""
+    def parent(loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        i = next((k for k, seg in enumerate(loc) if _union_member(seg)), None)
+        return None if i is None else loc[:i]
+
+    deeper = {parent(e["loc"]) for e in errors
+              if parent(e["loc"]) is not None and len(e["loc"]) > len(parent(e["loc"]) or ()) + 1}
+    return [e for e in errors
+            if not (parent(e["loc"]) is not None and len(e["loc"]) == len(parent(e["loc"]) or ()) + 1
+                    and parent(e["loc"]) in deeper)]
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    """``dataset.1.image_type`` -> ``[[dataset]] 2.image_type``; union members left out."""
+    parts = [seg for seg in loc if not _union_member(seg)]
+    if len(parts) >= 2 and parts[0] == "dataset" and isinstance(parts[1], int):
+        parts = [f"[[dataset]] {parts[1] + 1}", *parts[2:]]
+    return ".".join(str(x) for x in parts)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+    for e in _shown_errors(err.errors()):
+        loc = _loc_text(tuple(e["loc"])) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -71,6 +71,27 @@ def test_config_lists_every_dataset_and_names_a_repeated_image_type(tmp_path):
         load_dataset_configs(multi_site(tmp_path, "dup2", ["fundus", "fundus"]))
 
 
+def test_a_bad_table_is_named_by_its_number_and_key(tmp_path):
+    """An error in one [[dataset]] table names the table (counted from 1) and the key, and
+    only that: not the other shape the union would also accept."""
+    from medisyn.config import load_site_config
+
+    base = '[site]\nid = "x"\nstate_dir = "s"\n'
+    ok = '[[dataset]]\npath = "a.npz"\nspecialty = "r"\nimage_type = "t"\n'
+    cases = {
+        ok + '[[dataset]]\npath = "b.npz"\nspecialty = "r"\n': ["[[dataset]] 2.image_type: Field required"],
+        ok + '[[dataset]]\npath = "b.npz"\nspecialty = "r"\nimage_type = "u"\ncolour = 1\n':
+            ["[[dataset]] 2.colour: unknown key (got 1)"],
+        '[dataset]\npath = "b.npz"\nspecialty = "r"\n': ["dataset.image_type: Field required"],
+    }
+    for i, (tables, lines) in enumerate(cases.items()):
+        p = tmp_path / f"s{i}.toml"
+        p.write_text(base + tables)
+        with pytest.raises(ConfigError) as e:
+            load_site_config(p)
+        assert str(e.value).splitlines()[1:] == [f"  {line}" for line in lines], str(e.value)
+
+
 def test_a_two_dataset_dp_site_trains_on_both_with_one_ledger_and_names_both_types(tmp_path):
     """Federation in process: "general" holds breast ultrasound and dermoscopy under DP-SGD,
     "chest-xray" one dataset. general's Poisson rate is over both datasets' records, its
