@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_federation_real import site_toml
 
 from medisyn.procs import child_env, executable, free_port
 
@@ -25,22 +26,6 @@ TINY = {
     "vae": {"block_out_channels": [8, 16], "norm_num_groups": 4},
     "unet": {"block_out_channels": [16, 32], "norm_num_groups": 8, "cross_attention": [False, True]},
 }
-
-
-def _site(tmp: Path, site: str, port: int, datasets: list[str] | None = None) -> Path:
-    """``site``'s demo dataset, or one ``[[dataset]]`` table per demo dataset in ``datasets``."""
-    d = tmp / "sites" / site
-    d.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for name in datasets or [site]:
-        t = (DEMO / name / "dataset.toml").read_text().replace(
-            'path = "dataset.npz"', f'path = "{(DEMO / name / "dataset.npz").as_posix()}"')
-        tables.append(t.replace("[dataset]", "[[dataset]]") if datasets else t)
-    ds = "\n".join(tables)
-    p = d / "site.toml"
-    p.write_text(f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{ds}\n'
-                 f'[superlink]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    return p
 
 
 def _finished_run(tmp: Path, port: int, sites: list[str]):
@@ -85,7 +70,7 @@ def test_federated_evaluation_with_real_daemons(tmp_path):
     port = free_port()
     sites = ["breast-us", "general"]
     cfg = _finished_run(tmp_path, port, sites)
-    sups = [SiteSupervisor(_site(tmp_path, s, port, datasets=["dermoscopy", "chest-xray"] if s == "general" else None),
+    sups = [SiteSupervisor(site_toml(tmp_path, s, port, datasets=["dermoscopy", "chest-xray"] if s == "general" else None),
                            extra_env={"OMP_NUM_THREADS": "1"}, echo=print).start()
             for s in sites]
     out = tmp_path / "evaluation"
