@@ -49,6 +49,8 @@ def validate_cmd(
         from medisyn.audit.site_audit import _write_json
         from medisyn.audit.validate import run_validation
 
+        from medisyn.fileio import folder_name
+
         cfg, audit = load_site(site)
         done = []
         for one in cfg.per_dataset():  # each dataset validated on its own images
@@ -57,7 +59,7 @@ def validate_cmd(
                                  cache_dir=Path(cfg.site.state_dir) / "audit" / "encoders")
             res["site_id"] = cfg.site.id
             res["dataset"] = ds.image_type
-            dest = Path(out) if len(cfg.datasets) == 1 else Path(out) / _slug(ds.image_type)
+            dest = Path(out) if len(cfg.datasets) == 1 else Path(out) / folder_name(ds.image_type)
             _write_json(dest / "validation.json", res)
             done.append((res, dest))
     except MediSynError as e:
@@ -67,13 +69,6 @@ def validate_cmd(
         typer.echo(f"site {res['site_id']} ({res['dataset']}): detection exact {d['exact']:.3f} "
                    f"mild {d['mild']:.3f} hard {d['hard']:.3f}; false positives "
                    f"{res['false_positive_rate']:.3f}; validated: {res['validated']} -> {dest / 'validation.json'}")
-
-
-def _slug(text: str) -> str:
-    """A folder name for an image type (a site with several datasets: one folder each)."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "dataset"
 
 
 @app.command("site")
@@ -105,10 +100,12 @@ def site_cmd(
                 raise ConfigError(f"--model {model}: not a model directory")
             comps = load_components(model)
             mhash = model_hash(comps)
+        from medisyn.fileio import folder_name
+
         images = load_synthetic_dir(synthetic)
         aggs = []
         for one in cfg.per_dataset():  # one audit per dataset, each against its own images
-            dest = Path(out) if len(cfg.datasets) == 1 else Path(out) / _slug(one.only_dataset.image_type)
+            dest = Path(out) if len(cfg.datasets) == 1 else Path(out) / folder_name(one.only_dataset.image_type)
             aggs.append((audit_synthetic_at_site(one, images, comps, audit_config=audit, out_dir=dest,
                                                  model_hash=mhash), dest))
     except MediSynError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,3 +67,9 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def folder_name(text: str) -> str:
+    """A folder name for a label such as an image type (``"breast ultrasound"`` ->
+    ``breast-ultrasound``): one folder per dataset of a site that holds several."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "dataset"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -155,6 +154,7 @@ def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: 
 
     from medisyn.config import load_site_config
     from medisyn.data import label_prompts
+    from medisyn.fileio import folder_name
     from medisyn.generate import make_grid
 
     by_prompt: dict[str, list[Path]] = {}
@@ -176,7 +176,7 @@ def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: 
                 images += ims + [Image.new("RGB", ims[0].size, "white")] * (ncols - len(ims))
             d = out_dir / "samples" / site
             if len(datasets) > 1:  # a site with several datasets: one folder per image type
-                d = d / re.sub(r"[^A-Za-z0-9]+", "-", ds.image_type).strip("-").lower()
+                d = d / folder_name(ds.image_type)
             d.mkdir(parents=True, exist_ok=True)
             make_grid(images, ncols=ncols).save(d / "grid.png")
             grids[ds.image_type] = d / "grid.png"
