@@ -236,9 +236,10 @@ def evaluate(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A few-minute smoke run.")] = False,
-    dp_site: Annotated[str, typer.Option("--dp-site", help="Site trained under DP-SGD ('none': no DP).")] = "breast-us",
+    dp_site: Annotated[str, typer.Option("--dp-site", help="Site trained under DP-SGD ('none': no DP).")] = "chest-xray-dp",
 ) -> None:
-    """Run a real federation on this machine: four hospitals, one per specialty, one under DP."""
+    """Run a real federation on this machine: four hospitals holding four image types, one
+    under DP-SGD."""
     from medisyn.server.demo import run_demo
 
     raise typer.Exit(run_demo(out, quick, dp_site=None if dp_site == "none" else dp_site))

@@ -1,9 +1,10 @@
 """The one-machine demo: a real federation of four hospital sites on loopback.
 
 ``run_demo(out_dir, quick)`` starts a real ``flower-superlink`` and one real
-``flower-supernode`` per site (breast-us, chest-xray, fundus, dermoscopy, each with the
-small vendored sample in ``medisyn/assets/demo/<site>/``), trains stage ``vae`` then
-stage ``unet`` federatedly, writes the global model, and prints where everything is. Every process it started is stopped at the end, also
+``flower-supernode`` per site (:data:`DEMO_SITE_DATA`: breast-us, chest-xray, eye-skin
+with fundus and dermoscopy, chest-xray-dp under DP-SGD; the small vendored samples in
+``medisyn/assets/demo/<sample>/``), trains stage ``unet`` (the quick run ``vae`` first)
+federatedly, writes the global model, and prints where everything is. Every process it started is stopped at the end, also
 on Ctrl-C. The lead mounts it as ``medisyn demo [--out DIR] [--quick]``.
 
 One site trains under DP-SGD (``dp_site``). The demo ends with the release audit
@@ -32,9 +33,25 @@ from medisyn.procs import PeakRSS, free_port
 
 logger = logging.getLogger(__name__)
 
-DEMO_SITES = ("breast-us", "chest-xray", "fundus", "dermoscopy")
+# The demo's hospitals and the vendored samples (``medisyn/assets/demo/<name>/``) each
+# holds: a whole sample (``(name, None)``) or a share of one (``(name, (first, stop, of))``:
+# every split dealt label by label into ``of`` parts, the site holding parts
+# ``first..stop-1``; two sites' shares of one sample share no record). The DP site holds
+# chest X-rays as another site does: at ~550 records and ε ≤ 8, DP-SGD taught the shared
+# model nothing of a type no other site held (breast ultrasound stayed grain in five
+# variants, docs/quality.md); a DP site whose type the others also teach gains from them.
+# Fundus and dermoscopy share one site (two [[dataset]] tables): four processes, five
+# datasets.
+DEMO_SITE_DATA: dict[str, tuple[tuple[str, tuple[int, int, int] | None], ...]] = {
+    "breast-us": (("breast-us", None),),
+    "chest-xray": (("chest-xray", (0, 2, 3)),),
+    "eye-skin": (("fundus", None), ("dermoscopy", None)),
+    "chest-xray-dp": (("chest-xray", (2, 3, 3)),),
+}
+DEMO_SITES = tuple(DEMO_SITE_DATA)
+DEMO_DP_SITE = "chest-xray-dp"
 # The full demo's UNet plan (docs/quality.md: measured in-process on the demo data).
-DEMO_UNET_ROUNDS, DEMO_UNET_STEPS = 10, 40
+DEMO_UNET_ROUNDS, DEMO_UNET_STEPS = 10, 36
 
 
 def demo_assets() -> Path:
@@ -58,12 +75,12 @@ def demo_config(out_dir: Path, port: int, *, quick: bool, sites: Sequence[str] =
         # reconstruct the demo's held-out images better (MSE 0.0067) than any federated
         # VAE stage we measured (0.030 after 10 x 25 steps; fine-tuning the pretrained one
         # federatedly made it worse: 0.0077 after 2 x 25 at lr 3e-4): so the demo spends
-        # its minutes on the UNet. Each site sees one image type, so plain FedAvg forgets
-        # which prompt means which type (recognised 0.00/0.03/0.50/0.47 in process); the
-        # sites' prompt anchoring ([train] anchor_weight, on by default) keeps it
-        # (docs/quality.md). 10 x 40 steps: anchoring made a step 1.3x (DP site) to 1.5x
-        # (others) as long in the demo, and 10 x 50 took the demo past 15 minutes on 2
-        # cores. 9 x 40 (781 s) left the DP site's breast ultrasound recognised 0.75.
+        # its minutes on the UNet. Sites that see one image type each make plain FedAvg
+        # forget which prompt means which type (recognised 0.00/0.03/0.50/0.47 in
+        # process); the sites' prompt anchoring ([train] anchor_weight, on by default)
+        # keeps it (docs/quality.md). 10 x 36 steps: with the eye-skin site auditing and
+        # evaluating two datasets, 10 x 40 took 888-892 s of the 900 s budget on 2 cores
+        # (10 x 50 had passed it with one dataset per site).
         model = ModelConfig(resolution=32)
         stages = ["unet"]
         rounds, steps = {"unet": DEMO_UNET_ROUNDS}, {"unet": DEMO_UNET_STEPS}
@@ -113,7 +130,6 @@ def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_
     ``datasets``: per site, the ``[dataset]`` table's TOML text to use instead of the
     vendored sample (e.g. a full dataset, ``bench/study.py``); ``privacy``: per site, the
     ``[privacy]`` table's TOML text (overrides ``dp_site``)."""
-    assets = demo_assets()
     paths: dict[str, Path] = {}
     for site in sites:
         d = out_dir / "sites" / site
@@ -121,20 +137,16 @@ def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_
         if datasets is not None and site in datasets:
             dataset = datasets[site]
         else:
-            dataset = (assets / site / "dataset.toml").read_text()
-            dataset = dataset.replace('path = "dataset.npz"', f"path = {json.dumps((assets / site / 'dataset.npz').as_posix())}")
+            dataset = site_dataset_tables(site, d)
         site_privacy = ""
         if privacy is not None and site in privacy:
             site_privacy = privacy[site]
         elif site == dp_site:
-            # DP-SGD at this site: σ = 1 over the demo's 10 x 40 steps spends ε = 4.22
-            # (δ 1e-5, RDP), under the site's cap of 10. Spending ε = 8 instead (σ ≈ 0.75)
-            # was measured twice and made no image of the site's type better (breast
-            # ultrasound is grain either way, docs/quality.md): no ε is spent for nothing.
-            # Poisson batches (expected 16) run in parts of at most 8 records: the same
-            # update and ε, about half the per-sample-gradient memory (the demo's peak:
-            # 6.08 -> 5.64 GiB), ~15% more time per step.
-            site_privacy = ("[privacy]\ndp = true\nnoise_multiplier = 1.0\n"
+            # DP-SGD at this site: σ = 1.6 over the demo's 10 x 36 steps of an expected 16
+            # from its 199 training records spends ε = 5.39 (δ 1e-5, RDP), under the site's
+            # cap of 10. Poisson batches run in parts of at most 8 records: the same update
+            # and ε, about half the per-sample-gradient memory, ~15% more time per step.
+            site_privacy = ("[privacy]\ndp = true\nnoise_multiplier = 1.6\n"
                             "max_epsilon = 10.0\naccountant = \"rdp\"\nmax_physical_batch = 8\n")
         (d / "site.toml").write_text(
             f'[site]\nid = "{site}"\nstate_dir = "state"\n\n{dataset}\n{site_privacy}\n'
@@ -142,6 +154,61 @@ def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_
         )
         paths[site] = d / "site.toml"
     return paths
+
+
+def site_dataset_tables(site: str, site_dir: Path) -> str:
+    """The ``[dataset]`` table (or ``[[dataset]]`` tables) of demo site ``site``
+    (:data:`DEMO_SITE_DATA`; a site named after a vendored sample holds that sample). A
+    share of a sample is written once into ``site_dir/data/`` (the site's own data folder)."""
+    assets = demo_assets()
+    parts = DEMO_SITE_DATA.get(site) or ((site, None),)
+    tables = []
+    for name, share in parts:
+        if not (assets / name / "dataset.toml").is_file():
+            raise ValueError(f"demo site {site!r}: no vendored sample {name!r} in {assets} "
+                             f"(samples: {sorted(p.name for p in assets.iterdir() if p.is_dir())})")
+        npz = assets / name / "dataset.npz"
+        if share is not None:
+            first, stop, of = share
+            npz = write_share(npz, share, site_dir / "data" / f"{name}-parts-{first}-{stop - 1}-of-{of}.npz")
+        text = (assets / name / "dataset.toml").read_text()
+        text = text.replace('path = "dataset.npz"', f"path = {json.dumps(npz.as_posix())}")
+        if len(parts) > 1:
+            text = text.replace("\n[dataset]\n", "\n[[dataset]]\n")
+        tables.append(text)
+    return "\n".join(tables)
+
+
+def write_share(src: Path, share: tuple[int, int, int], dst: Path) -> Path:
+    """Parts ``first..stop-1`` of ``of`` of a MedMNIST-style sample: every split's records
+    are taken label by label in a seeded order and dealt into the ``of`` parts in turn (so
+    shares of one sample are disjoint and keep each label's proportion). Written once;
+    later runs reuse the file."""
+    import numpy as np
+
+    first, stop, of = share
+    if not 0 <= first < stop <= of:
+        raise ValueError(f"share {share} of {src}: expected 0 <= first < stop <= of")
+    if dst.is_file():
+        return dst
+    rng = np.random.default_rng(0)
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    out: dict[str, np.ndarray] = {}
+    for split in ("train", "val", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        flat = labels.reshape(len(labels), -1)[:, 0]
+        keep = []
+        for v in np.unique(flat):
+            order = rng.permutation(np.flatnonzero(flat == v))
+            keep.append(order[(np.arange(len(order)) % of >= first) & (np.arange(len(order)) % of < stop)])
+        idx = np.sort(np.concatenate(keep))
+        out[f"{split}_images"], out[f"{split}_labels"] = images[idx], labels[idx]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **out)
+    tmp.replace(dst)
+    return dst
 
 
 def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: Path) -> dict[str, Path]:
@@ -251,7 +318,7 @@ def run_federation(cfg: FederationConfig, site_paths: Mapping[str, Path], *,
 
 
 def run_demo(out_dir: Path, quick: bool, *, echo: Callable[[str], None] = print,
-             sites: Sequence[str] = DEMO_SITES, dp_site: str | None = "breast-us") -> int:
+             sites: Sequence[str] = DEMO_SITES, dp_site: str | None = DEMO_DP_SITE) -> int:
     """Run the whole demo; returns an exit code (0 on success, see ``ExitCode``)."""
     from medisyn.client.supervisor import SiteSupervisor
 

@@ -28,9 +28,17 @@ def test_quick_demo_ends_with_release_report(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     summary = json.loads((out / "demo-summary.json").read_text())
     assert (out / "run" / "model" / "model_index.json").is_file()
-    assert all((out / "samples" / s / "grid.png").is_file() for s in ("breast-us", "chest-xray", "fundus", "dermoscopy"))
+    grids = ["breast-us", "chest-xray", "chest-xray-dp", "eye-skin/fundus-photograph", "eye-skin/dermoscopy"]
+    assert all((out / "samples" / g / "grid.png").is_file() for g in grids), sorted(map(str, (out / "samples").rglob("*.png")))
     rep = ReleaseReport.model_validate_json((out / "release" / "release_report.json").read_text())
-    assert {a.site_id for a in rep.sites} == {"breast-us", "chest-xray", "fundus", "dermoscopy"}
-    assert rep.privacy["breast-us"].dp is True and 0 < rep.privacy["breast-us"].epsilon <= 10
+    # one aggregate per dataset: the eye-skin site audits its fundus and dermoscopy data apart
+    assert sorted((a.site_id, a.dataset) for a in rep.sites) == sorted([
+        ("breast-us", "breast ultrasound"), ("chest-xray", "paediatric chest X-ray"),
+        ("chest-xray-dp", "paediatric chest X-ray"), ("eye-skin", "dermoscopy"), ("eye-skin", "fundus photograph")])
+    assert rep.privacy["chest-xray-dp"].dp is True and 0 < rep.privacy["chest-xray-dp"].epsilon <= 10
+    assert not rep.privacy["chest-xray"].dp
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert {"paediatric chest X-ray @ chest-xray", "paediatric chest X-ray @ chest-xray-dp",
+            "fundus photograph", "dermoscopy", "breast ultrasound"} == set(evaluation["types"])
     assert summary["release_gate_passed"] == rep.gate.passed
     assert "release report:" in res.stdout and "release/release_report.html" in res.stdout
