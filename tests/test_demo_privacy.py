@@ -12,7 +12,14 @@ from medisyn.config import load_site_config
 from medisyn.data import load_dataset
 from medisyn.privacy.accounting import default_delta, epsilon
 from medisyn.privacy.dp import resolve_noise_multiplier
-from server.demo import DEMO_DP_SITE, DEMO_SITES, demo_assets, demo_config, write_share, write_site_configs
+from server.demo import (
+    DEMO_DP_SITE,
+    DEMO_SITES,
+    demo_assets,
+    demo_config,
+    write_share,
+    write_site_configs,
+)
 
 
 def _plan_epsilon(tmp_path, quick: bool) -> tuple[float, float]:
