@@ -214,7 +214,8 @@ def write_share(src: Path, share: tuple[int, int, int], dst: Path) -> Path:
 def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """One grid per image type (rows: the labels' prompts) from the images the release
     audit generated with the final model (``OUT/release/synthetic``), so the demo does not
-    sample twice."""
+    sample twice; in ``OUT/samples/<site>/`` of the first site holding the type
+    (``<site>/<type>/`` for a site with several datasets)."""
     import json as _json
 
     from PIL import Image
@@ -233,6 +234,8 @@ def grids_from_audit(synthetic_dir: Path, site_paths: dict[str, Path], out_dir: 
     for site, path in site_paths.items():
         datasets = load_site_config(path).datasets
         for ds in datasets:
+            if ds.image_type in grids:  # a type two sites hold: its prompts' images are drawn once
+                continue
             rows = [by_prompt[p] for p in sorted(set(label_prompts(ds).values())) if p in by_prompt]
             if not rows:
                 continue

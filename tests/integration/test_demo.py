@@ -28,8 +28,9 @@ def test_quick_demo_ends_with_release_report(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     summary = json.loads((out / "demo-summary.json").read_text())
     assert (out / "run" / "model" / "model_index.json").is_file()
-    grids = ["breast-us", "chest-xray", "chest-xray-dp", "eye-skin/fundus-photograph", "eye-skin/dermoscopy"]
-    assert all((out / "samples" / g / "grid.png").is_file() for g in grids), sorted(map(str, (out / "samples").rglob("*.png")))
+    # one grid per image type; chest X-ray once although two sites hold it
+    grids = ["breast-us", "chest-xray", "eye-skin/fundus-photograph", "eye-skin/dermoscopy"]
+    assert sorted(p.parent.relative_to(out / "samples").as_posix() for p in (out / "samples").rglob("grid.png")) == sorted(grids)
     rep = ReleaseReport.model_validate_json((out / "release" / "release_report.json").read_text())
     # one aggregate per dataset: the eye-skin site audits its fundus and dermoscopy data apart
     assert sorted((a.site_id, a.dataset) for a in rep.sites) == sorted([

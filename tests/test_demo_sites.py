@@ -5,6 +5,8 @@ chest X-ray shares disjoint."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,28 @@ def test_a_demo_site_with_no_vendored_sample_or_a_bad_share_is_refused_by_name(t
         write_site_configs(tmp_path, 9093, sites=["oncology"])
     with pytest.raises(ValueError, match=r"share \(2, 2, 3\) of .*chest-xray"):
         write_share(demo_assets() / "chest-xray" / "dataset.npz", (2, 2, 3), tmp_path / "x.npz")
+
+
+def test_the_demo_draws_one_grid_per_image_type_once_although_two_sites_hold_chest_xrays(tmp_path):
+    from PIL import Image
+
+    from medisyn.data import label_prompts
+    from server.demo import grids_from_audit
+
+    paths = write_site_configs(tmp_path, 9093)
+    synthetic = tmp_path / "synthetic"
+    synthetic.mkdir()
+    prompts = sorted({p for s in paths.values() for ds in load_site_config(s).datasets
+                      for p in label_prompts(ds).values()})
+    for i, prompt in enumerate(prompts * 2):  # two images per prompt, as the audit leaves them
+        Image.new("RGB", (8, 8), (i * 7 % 255, 0, 0)).save(synthetic / f"{i:03d}.png")
+        (synthetic / f"{i:03d}.json").write_text(json.dumps({"prompt": prompt}))
+    grids = grids_from_audit(synthetic, paths, tmp_path / "out")
+    samples = tmp_path / "out" / "samples"
+    assert grids == {"breast ultrasound": samples / "breast-us" / "grid.png",
+                     "paediatric chest X-ray": samples / "chest-xray" / "grid.png",
+                     "fundus photograph": samples / "eye-skin" / "fundus-photograph" / "grid.png",
+                     "dermoscopy": samples / "eye-skin" / "dermoscopy" / "grid.png"}
+    assert sorted(samples.rglob("grid.png")) == sorted(grids.values())
+    # rows: the type's labels (fundus: five grades), columns: the images of each prompt
+    assert Image.open(grids["fundus photograph"]).size[1] > Image.open(grids["dermoscopy"]).size[1]
