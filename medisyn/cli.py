@@ -240,8 +240,11 @@ def demo(
 ) -> None:
     """Run a real federation on this machine: four hospitals holding four image types, one
     under DP-SGD."""
-    from medisyn.server.demo import run_demo
+    from medisyn.server.demo import DEMO_SITES, run_demo
 
+    if dp_site != "none" and dp_site not in DEMO_SITES:  # else the demo would run with no DP site at all
+        raise typer.BadParameter(f"{dp_site!r} is not one of the demo's sites: {', '.join(DEMO_SITES)} "
+                                 "(or 'none')", param_hint="--dp-site")
     raise typer.Exit(run_demo(out, quick, dp_site=None if dp_site == "none" else dp_site))
 
 

@@ -6,6 +6,7 @@ chest X-ray shares disjoint."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,15 @@ def test_the_demo_draws_one_grid_per_image_type_once_although_two_sites_hold_che
     assert sorted(samples.rglob("grid.png")) == sorted(grids.values())
     # rows: the type's labels (fundus: five grades), columns: the images of each prompt
     assert Image.open(grids["fundus photograph"]).size[1] > Image.open(grids["dermoscopy"]).size[1]
+
+
+def test_the_demo_refuses_a_dp_site_it_does_not_have_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from medisyn.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--dp-site", "fundus", "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 2, res.output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.output).split())  # the message as one line, without rich's box
+    assert "'fundus' is not one of the demo's sites: breast-us, chest-xray, eye-skin, chest-xray-dp" in text, text
+    assert not (tmp_path / "demo").exists()
