@@ -184,7 +184,11 @@ def write_share(src: Path, share: tuple[int, int, int], dst: Path) -> Path:
     are taken label by label in a seeded order and dealt into the ``of`` parts in turn (so
     shares of one sample are disjoint and keep each label's proportion). Written once;
     later runs reuse the file."""
+    import io
+
     import numpy as np
+
+    from medisyn.fileio import atomic_write_bytes
 
     first, stop, of = share
     if not 0 <= first < stop <= of:
@@ -201,13 +205,13 @@ def write_share(src: Path, share: tuple[int, int, int], dst: Path) -> Path:
         keep = []
         for v in np.unique(flat):
             order = rng.permutation(np.flatnonzero(flat == v))
-            keep.append(order[(np.arange(len(order)) % of >= first) & (np.arange(len(order)) % of < stop)])
+            part = np.arange(len(order)) % of  # the part each record is dealt to
+            keep.append(order[(part >= first) & (part < stop)])
         idx = np.sort(np.concatenate(keep))
         out[f"{split}_images"], out[f"{split}_labels"] = images[idx], labels[idx]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **out)
-    tmp.replace(dst)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **out)
+    atomic_write_bytes(dst, buf.getvalue())
     return dst
 
 
