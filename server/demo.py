@@ -129,7 +129,11 @@ def write_site_configs(out_dir: Path, port: int, *, sites: Sequence[str] = DEMO_
 
     ``datasets``: per site, the ``[dataset]`` table's TOML text to use instead of the
     vendored sample (e.g. a full dataset, ``bench/study.py``); ``privacy``: per site, the
-    ``[privacy]`` table's TOML text (overrides ``dp_site``)."""
+    ``[privacy]`` table's TOML text (overrides ``dp_site``). A ``dp_site`` that is not
+    one of ``sites`` is refused (ValueError naming both): else the demo would run with no
+    DP site at all."""
+    if dp_site is not None and dp_site not in sites:
+        raise ValueError(f"dp_site {dp_site!r} is not one of the demo's sites: {', '.join(sites)}")
     paths: dict[str, Path] = {}
     for site in sites:
         d = out_dir / "sites" / site

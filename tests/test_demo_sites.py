@@ -86,6 +86,12 @@ def test_a_demo_site_with_no_vendored_sample_or_a_bad_share_is_refused_by_name(t
         write_share(demo_assets() / "chest-xray" / "dataset.npz", (2, 2, 3), tmp_path / "x.npz")
 
 
+def test_a_dp_site_the_demo_does_not_run_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="dp_site 'chest-xray-dp' is not one of the demo's sites: breast-us"):
+        write_site_configs(tmp_path, 9093, sites=["breast-us"], dp_site=DEMO_DP_SITE)
+    assert not (tmp_path / "sites").exists()
+
+
 def test_the_demo_draws_one_grid_per_image_type_once_although_two_sites_hold_chest_xrays(tmp_path):
     from PIL import Image
 
