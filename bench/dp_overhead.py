@@ -87,104 +87,120 @@ def build_unet(kind: str, seed: int = 0):
     )
 
 
-def measure(args: argparse.Namespace) -> dict:
-    from medisyn.config import PrivacyConfig
-    from medisyn.privacy.dp import DPSession
-    from medisyn.privacy.ledger import PrivacyLedger
+class _Pair:
+    """The plain and the DP model of one measurement, on one fixed batch."""
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    plain, text_dim, size = build_unet(args.model)
-    dp_model, _, _ = build_unet(args.model)
-    dp_model.load_state_dict(plain.state_dict())
-    plain.to(device).train()
-    dp_model.to(device).train()
-    b = args.batch_size
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "latent": torch.randn(b, 4, size, size, generator=g).to(device),
-        "noise": torch.randn(b, 4, size, size, generator=g).to(device),
-        "t": torch.randint(0, 1000, (b,), generator=g).to(device),
-        "text": torch.randn(b, 16, text_dim, generator=g).to(device),
-    }
+    def __init__(self, args: argparse.Namespace):
+        from medisyn.config import PrivacyConfig
+        from medisyn.privacy.dp import DPSession
+        from medisyn.privacy.ledger import PrivacyLedger
 
-    def loss_of(m):
-        pred = m(
-            batch["latent"] + batch["noise"], batch["t"], encoder_hidden_states=batch["text"]
-        ).sample
-        return ((pred - batch["noise"]) ** 2).mean()
+        self.device = device = torch.device(args.device)
+        self.plain, text_dim, size = build_unet(args.model)
+        self.dp_model, _, _ = build_unet(args.model)
+        self.dp_model.load_state_dict(self.plain.state_dict())
+        self.plain.to(device).train()
+        self.dp_model.to(device).train()
+        b = args.batch_size
+        g = torch.Generator().manual_seed(0)
+        self.batch = {
+            "latent": torch.randn(b, 4, size, size, generator=g).to(device),
+            "noise": torch.randn(b, 4, size, size, generator=g).to(device),
+            "t": torch.randint(0, 1000, (b,), generator=g).to(device),
+            "text": torch.randn(b, 16, text_dim, generator=g).to(device),
+        }
+        self.opt_plain = torch.optim.AdamW(self.plain.parameters(), lr=1e-4)
+        opt_dp = torch.optim.AdamW(self.dp_model.parameters(), lr=1e-4)
+        priv = PrivacyConfig(
+            dp=True, noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=1e6, accountant="rdp"
+        )
+        state = tempfile.mkdtemp(prefix="dp-bench-")
+        ledger = PrivacyLedger.open(Path(state), "bench", "rdp", 1e-5)
+        self.session = DPSession(
+            self.dp_model,
+            opt_dp,
+            list(range(args.records)),
+            batch_size=b,
+            privacy=priv,
+            ledger=ledger,
+            stage="unet",
+            run_id="bench",
+            round=1,
+            planned_steps=args.warmup + args.steps,
+        )
 
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
-    opt_dp = torch.optim.AdamW(dp_model.parameters(), lr=1e-4)
-    priv = PrivacyConfig(
-        dp=True, noise_multiplier=1.0, max_grad_norm=1.0, max_epsilon=1e6, accountant="rdp"
-    )
-    state = tempfile.mkdtemp(prefix="dp-bench-")
-    ledger = PrivacyLedger.open(Path(state), "bench", "rdp", 1e-5)
-    reps = args.warmup + args.steps
-    session = DPSession(
-        dp_model,
-        opt_dp,
-        list(range(args.records)),
-        batch_size=b,
-        privacy=priv,
-        ledger=ledger,
-        stage="unet",
-        run_id="bench",
-        round=1,
-        planned_steps=reps,
-    )
+    def _loss(self, m):
+        b = self.batch
+        pred = m(b["latent"] + b["noise"], b["t"], encoder_hidden_states=b["text"]).sample
+        return ((pred - b["noise"]) ** 2).mean()
 
-    def sync():
-        if device.type == "cuda":
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def one(kind: str) -> tuple[float, float | None]:
-        if device.type == "cuda":
+    def step(self, kind: str) -> tuple[float, float, float | None]:
+        """One optimizer step of `kind` ('plain' or 'dp'): wall s, thread CPU s, peak MiB."""
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
             ok = _reset_peak_rss()
             base = _rss_kb("VmRSS") if ok else None
-        sync()
+        self._sync()
         t0 = time.perf_counter()
         c0 = time.thread_time()
         if kind == "plain":
-            loss_of(plain).backward()
-            opt_plain.step()
-            opt_plain.zero_grad(set_to_none=True)
+            self._loss(self.plain).backward()
+            self.opt_plain.step()
+            self.opt_plain.zero_grad(set_to_none=True)
         else:
-            loss_of(dp_model).backward()
-            session.step()
-        sync()
+            self._loss(self.dp_model).backward()
+            self.session.step()
+        self._sync()
         dt = time.perf_counter() - t0
         cpu = time.thread_time() - c0
-        if device.type == "cuda":
+        if cuda:
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             hwm = _rss_kb("VmHWM")
             peak = None if base is None or hwm is None else (hwm - base) / 1024
         return dt, cpu, peak
 
+
+def _run_steps(pair: _Pair, args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Alternate plain and DP steps (order swapped every step); keep those after warmup."""
     times: dict[str, list[float]] = {"plain": [], "dp": []}
     cpus: dict[str, list[float]] = {"plain": [], "dp": []}
     peaks: dict[str, list[float]] = {"plain": [], "dp": []}
-    for i in range(reps):
+    for i in range(args.warmup + args.steps):
         order = ("plain", "dp") if i % 2 == 0 else ("dp", "plain")
         if args.memory_probe:
             order = (args.memory_probe,)
         for kind in order:
-            dt, cpu, peak = one(kind)
+            dt, cpu, peak = pair.step(kind)
             if i >= args.warmup:
                 times[kind].append(dt)
                 cpus[kind].append(cpu)
                 if peak is not None:
                     peaks[kind].append(peak)
-    session.close()
+    pair.session.close()
+    return times, cpus, peaks
+
+
+def measure(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    pair = _Pair(args)
+    times, cpus, peaks = _run_steps(pair, args)
     if args.memory_probe:
         return {
             "peak_step_mib": max(peaks[args.memory_probe]) if peaks[args.memory_probe] else None
         }
+    return _result(args, pair, times, cpus, peaks)
+
+
+def _result(args: argparse.Namespace, pair: _Pair, times: dict, cpus: dict, peaks: dict) -> dict:
+    device = pair.device
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpus.items()}
     pair_ratios = [d / p for d, p in zip(times["dp"], times["plain"], strict=True)]
@@ -202,8 +218,8 @@ def measure(args: argparse.Namespace) -> dict:
             "max_grad_norm": 1.0,
             "mode": "opacus hooks, flat clipping, ledger write per step",
         },
-        "parameters": sum(p.numel() for p in plain.parameters()),
-        "batch_size": b,
+        "parameters": sum(p.numel() for p in pair.plain.parameters()),
+        "batch_size": args.batch_size,
         "device": str(device),
         "threads": args.threads,
         "steps_measured": args.steps,
@@ -224,11 +240,7 @@ def measure(args: argparse.Namespace) -> dict:
         pm = {k: max(v) for k, v in peaks.items()}
         result["peak_step_memory_mib"] = pm
         result["memory_ratio_dp_over_plain"] = pm["dp"] / pm["plain"] if pm["plain"] > 0 else None
-        result["memory_measure"] = (
-            "cuda max_memory_allocated over the step"
-            if device.type == "cuda"
-            else "CPU peak RSS (VmHWM) over RSS before the step, per step, max over steps"
-        )
+        result["memory_measure"] = "cuda max_memory_allocated over the step"
     return result
 
 

@@ -585,34 +585,33 @@ def part_dp(ctx: dict) -> dict:
 # --------------------------------------------------------------------------- 5. faiss / torch search
 
 
-def part_faiss(ctx: dict) -> dict:
-    import faiss
-
-    dev, smoke = ctx["dev"], ctx["smoke"]
-    nq, nb, d, k = (1000, 5000, 128, 8) if smoke else (10_000, 100_000, 128, 8)
+def _faiss_queries(smoke: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A unit-norm database and queries: half near-copies of database rows (what the audit
+    looks for), half random. Returns (xb, xq, source rows of the copies, number of copies)."""
+    nq, nb, d = (1000, 5000, 128) if smoke else (10_000, 100_000, 128)
     rng = np.random.default_rng(0)
     xb = rng.standard_normal((nb, d), dtype=np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-    # half the queries are near-copies of database rows (what the audit looks for), half random
     half = nq // 2
     src = rng.choice(nb, half, replace=False)
     xq = np.concatenate([xb[src] + 0.05 * rng.standard_normal((half, d), dtype=np.float32),
                          rng.standard_normal((nq - half, d), dtype=np.float32)])
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-    xq = np.ascontiguousarray(xq, dtype=np.float32)
-    out: dict[str, Any] = {"nq": nq, "nb": nb, "d": d, "k": k, "metric": "inner product, L2-normalised rows",
-                           "queries": f"{half} near-copies (noise 0.05) of database rows + {nq - half} random",
-                           "faiss_version": faiss.__version__, "faiss_num_gpus": int(faiss.get_num_gpus()),
-                           "faiss_omp_threads": int(faiss.omp_get_max_threads())}
-    index = faiss.IndexFlatIP(d)
+    return xb, np.ascontiguousarray(xq, dtype=np.float32), src, half
+
+
+def _faiss_exact(xb: np.ndarray, xq: np.ndarray, k: int, out: dict[str, Any]) -> tuple[Any, np.ndarray]:
+    """faiss exact inner-product search on the CPU, and on the GPU where the build has one."""
+    import faiss
+
+    index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        Df, If = index.search(xq, k)
+        _, If = index.search(xq, k)
         times.append(time.perf_counter() - t0)
-    out["faiss_cpu_exact"] = {**summary(times), "queries_per_s": nq / min(times)}
-    out["faiss_cpu_copy_top1_hits_source"] = float(np.mean(If[:half, 0] == src))
+    out["faiss_cpu_exact"] = {**summary(times), "queries_per_s": len(xq) / min(times)}
     if faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"):
         try:
             res = faiss.StandardGpuResources()
@@ -626,17 +625,15 @@ def part_faiss(ctx: dict) -> dict:
             out["faiss_gpu_exact"] = err(e)
     else:
         out["faiss_gpu_exact"] = {"skipped": "faiss has no GPU in this build (faiss-cpu)"}
+    return index, If
 
-    # torch on the device: matmul + topk
-    tq = torch.from_numpy(xq)
-    tb = torch.from_numpy(xb)
-    t0 = time.perf_counter()
-    qd, bd = tq.to(dev), tb.to(dev)
-    sync(dev)
-    out["torch_host_to_device_s"] = time.perf_counter() - t0
-    exact_top1 = If[:, 0]
+
+def _torch_topk(ctx: dict, xb: np.ndarray, xq: np.ndarray, exact_top1: np.ndarray, half: int,
+                k: int) -> dict[str, Any]:
+    """Matmul + topk on the device in fp32, tf32 and bf16, each against faiss's exact top-1."""
+    dev, nq, chunk = ctx["dev"], len(xq), 4096
+    qd, bd = torch.from_numpy(xq).to(dev), torch.from_numpy(xb).to(dev)
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    chunk = 4096
     runs: dict[str, Any] = {}
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
                               ("bf16", torch.bfloat16, False)):
@@ -659,7 +656,7 @@ def part_faiss(ctx: dict) -> dict:
             for _ in range(3):
                 sync(dev)
                 t0 = time.perf_counter()
-                s, idx = search()
+                _, idx = search()
                 sync(dev)
                 tt.append(time.perf_counter() - t0)
             mem = mem_peak_mib(dev, base)
@@ -679,6 +676,26 @@ def part_faiss(ctx: dict) -> dict:
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old_tf32
         ctx["write"]()
+    return runs
+
+
+def part_faiss(ctx: dict) -> dict:
+    import faiss
+
+    dev, k = ctx["dev"], 8
+    xb, xq, src, half = _faiss_queries(ctx["smoke"])
+    out: dict[str, Any] = {"nq": len(xq), "nb": len(xb), "d": xb.shape[1], "k": k,
+                           "metric": "inner product, L2-normalised rows",
+                           "queries": f"{half} near-copies (noise 0.05) of database rows + {len(xq) - half} random",
+                           "faiss_version": faiss.__version__, "faiss_num_gpus": int(faiss.get_num_gpus()),
+                           "faiss_omp_threads": int(faiss.omp_get_max_threads())}
+    _, If = _faiss_exact(xb, xq, k, out)
+    out["faiss_cpu_copy_top1_hits_source"] = float(np.mean(If[:half, 0] == src))
+    t0 = time.perf_counter()
+    torch.from_numpy(xq).to(dev), torch.from_numpy(xb).to(dev)
+    sync(dev)
+    out["torch_host_to_device_s"] = time.perf_counter() - t0
+    runs = _torch_topk(ctx, xb, xq, If[:, 0], half, k)
     out["torch_matmul_topk"] = runs
     out["torch_device"] = str(dev)
     try:
@@ -836,20 +853,12 @@ def _sub_result(label: str, rec: dict, body: Any) -> str:
     return f" {label}: {rec['error'] if 'error' in rec else body(rec)}."
 
 
-def render_md(res: dict) -> str:
-    """A short markdown summary of a result file."""
-    L: list[str] = []
-    env = res.get("env", {})
-    L.append("# GPU check (`bench/gpu_check.py`)\n")
-    L.append(f"Device: **{env.get('device_name', 'no CUDA')}**, torch {env.get('torch')} "
-             f"(CUDA {env.get('torch_cuda')}), {env.get('cpu_count')} CPUs, "
-             f"bf16 {env.get('bf16_supported')}; diffusers {env.get('version_diffusers')}, "
-             f"opacus {env.get('version_opacus')}, faiss {env.get('version_faiss')}. "
-             f"Created {res.get('created')}, script wall {res.get('wall_s', 0):.0f} s.\n")
+def _fmt(v, nd=3) -> str:
+    return "—" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
 
-    def fmt(v, nd=3):
-        return "—" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
 
+def _md_train(res: dict, L: list[str]) -> None:
+    """The tiny preset's `train_local` runs."""
     tr = res.get("train", {})
     if tr.get("runs"):
         L.append(f"## Tiny preset, stage unet, `train_local` ({tr.get('dataset_images')} real demo images)\n")
@@ -860,13 +869,17 @@ def render_md(res: dict) -> str:
                 L.append(f"| {k} | {r.get('error') or r.get('skipped')} | | | | |")
                 continue
             mem = (r.get("memory") or {}).get("peak_allocated_mib")
-            L.append(f"| {k} | {fmt(r['s_per_step'])} | {fmt(r['steps_per_s'])} | {fmt(r['images_per_s'])} "
-                     f"| {fmt(r['loss_first'])} → {fmt(r['loss'])} | {fmt(mem)} |")
-        L.append(f"\nCUDA fp32 / CPU speed-up (same batch): {fmt(tr.get('speedup_cuda_fp32_over_cpu_same_batch'))}×; "
-                 f"CUDA bf16 / CPU: {fmt(tr.get('speedup_cuda_bf16_over_cpu_same_batch'))}×.\n")
+            L.append(f"| {k} | {_fmt(r['s_per_step'])} | {_fmt(r['steps_per_s'])} | {_fmt(r['images_per_s'])} "
+                     f"| {_fmt(r['loss_first'])} → {_fmt(r['loss'])} | {_fmt(mem)} |")
+        L.append(f"\nCUDA fp32 / CPU speed-up (same batch): {_fmt(tr.get('speedup_cuda_fp32_over_cpu_same_batch'))}×; "
+                 f"CUDA bf16 / CPU: {_fmt(tr.get('speedup_cuda_bf16_over_cpu_same_batch'))}×.\n")
+
+
+def _md_sd(res: dict, L: list[str]) -> None:
+    """The SD-1.5-shape UNet step."""
     sd = res.get("sd_unet", {})
     if sd.get("modes"):
-        L.append(f"## SD-1.5-shape UNet ({fmt(sd.get('params'))} params, batch {sd.get('batch_size')}, "
+        L.append(f"## SD-1.5-shape UNet ({_fmt(sd.get('params'))} params, batch {sd.get('batch_size')}, "
                  f"{sd.get('latent_hw')}×{sd.get('latent_hw')} latents), fwd+bwd+AdamW\n")
         L.append("| mode | median s/step | images/s | peak MiB | loss finite |")
         L.append("|---|---|---|---|---|")
@@ -874,10 +887,14 @@ def render_md(res: dict) -> str:
             if "error" in r or "skipped" in r:
                 L.append(f"| {k} | {r.get('error') or r.get('skipped')} | | | |")
                 continue
-            L.append(f"| {k} | {fmt(r['median_s'])} | {fmt(r['images_per_s'])} | "
-                     f"{fmt((r.get('memory') or {}).get('peak_allocated_mib'))} | {r['loss_finite']} |")
-        L.append(f"\nbf16 / fp32 speed-up {fmt(sd.get('speedup_bf16_over_fp32'))}×, "
-                 f"TF32 / fp32 {fmt(sd.get('speedup_tf32_over_fp32'))}×.\n")
+            L.append(f"| {k} | {_fmt(r['median_s'])} | {_fmt(r['images_per_s'])} | "
+                     f"{_fmt((r.get('memory') or {}).get('peak_allocated_mib'))} | {r['loss_finite']} |")
+        L.append(f"\nbf16 / fp32 speed-up {_fmt(sd.get('speedup_bf16_over_fp32'))}×, "
+                 f"TF32 / fp32 {_fmt(sd.get('speedup_tf32_over_fp32'))}×.\n")
+
+
+def _md_dp(res: dict, L: list[str]) -> None:
+    """DP-SGD against the plain step."""
     dp = res.get("dp", {})
     rows = [(k, v) for k, v in dp.items() if isinstance(v, dict) and "plain" in v]
     if rows or dp.get("error"):
@@ -889,34 +906,42 @@ def render_md(res: dict) -> str:
             if "error" in p or "error" in d:
                 L.append(f"| {k} | {p.get('error', '')} | {d.get('error', '')} | | | | |")
                 continue
-            L.append(f"| {k} | {fmt(p.get('median_s'))} | {fmt(d.get('median_s'))} | "
-                     f"{fmt(v.get('time_ratio_dp_over_plain_median'))} | {fmt(v.get('time_per_image_ratio'))} | "
-                     f"{fmt((p.get('memory') or {}).get('peak_allocated_mib'))} → "
-                     f"{fmt((d.get('memory') or {}).get('peak_allocated_mib'))} | "
-                     f"{fmt(v.get('peak_memory_ratio_dp_over_plain'))} |")
+            L.append(f"| {k} | {_fmt(p.get('median_s'))} | {_fmt(d.get('median_s'))} | "
+                     f"{_fmt(v.get('time_ratio_dp_over_plain_median'))} | {_fmt(v.get('time_per_image_ratio'))} | "
+                     f"{_fmt((p.get('memory') or {}).get('peak_allocated_mib'))} → "
+                     f"{_fmt((d.get('memory') or {}).get('peak_allocated_mib'))} | "
+                     f"{_fmt(v.get('peak_memory_ratio_dp_over_plain'))} |")
         tl = dp.get("train_local_dp", {})
         if "metrics" in tl:
             L.append(f"\n`train_local` with `[privacy] dp = true` on CUDA: {int(tl['steps'])} steps, "
-                     f"loss {fmt(tl['metrics'].get('loss'))}, ε {fmt(tl['metrics'].get('epsilon'))}, "
-                     f"call {fmt(tl['call_wall_s'])} s.\n")
+                     f"loss {_fmt(tl['metrics'].get('loss'))}, ε {_fmt(tl['metrics'].get('epsilon'))}, "
+                     f"call {_fmt(tl['call_wall_s'])} s.\n")
         elif tl:
             L.append(f"\n`train_local` DP: {tl.get('error') or tl.get('skipped')}\n")
+
+
+def _md_faiss(res: dict, L: list[str]) -> None:
+    """Exact search: faiss against torch on the device."""
     fa = res.get("faiss", {})
     if fa.get("faiss_cpu_exact"):
         L.append(f"## Exact search {fa['nq']}×{fa['nb']}, d={fa['d']}, top-{fa['k']}\n")
         L.append(f"faiss {fa['faiss_version']} CPU ({fa['faiss_omp_threads']} threads): "
-                 f"{fmt(fa['faiss_cpu_exact']['min_s'])} s; GPU faiss: "
-                 f"{fa['faiss_gpu_exact'].get('skipped') or fmt(fa['faiss_gpu_exact'].get('s'))}.\n")
+                 f"{_fmt(fa['faiss_cpu_exact']['min_s'])} s; GPU faiss: "
+                 f"{fa['faiss_gpu_exact'].get('skipped') or _fmt(fa['faiss_gpu_exact'].get('s'))}.\n")
         L.append("| torch on device | median s | recall@1 vs faiss (copies / random) | after exact re-scoring of top-k |")
         L.append("|---|---|---|---|")
         for k, r in fa.get("torch_matmul_topk", {}).items():
             if "error" in r:
                 L.append(f"| {k} | {r['error']} | | |")
                 continue
-            L.append(f"| {k} | {fmt(r['median_s'])} | {fmt(r['recall_top1_vs_faiss'])} "
-                     f"({fmt(r['recall_top1_vs_faiss_copies'])} / {fmt(r['recall_top1_vs_faiss_random'])}) "
-                     f"| {fmt(r['recall_top1_after_exact_rescoring_of_topk'])} |")
+            L.append(f"| {k} | {_fmt(r['median_s'])} | {_fmt(r['recall_top1_vs_faiss'])} "
+                     f"({_fmt(r['recall_top1_vs_faiss_copies'])} / {_fmt(r['recall_top1_vs_faiss_random'])}) "
+                     f"| {_fmt(r['recall_top1_after_exact_rescoring_of_topk'])} |")
         L.append("")
+
+
+def _md_audit(res: dict, L: list[str]) -> None:
+    """The audit's contrastive encoder."""
     au = res.get("audit_contrastive", {})
     if au:
         L.append("## Audit contrastive encoder\n")
@@ -924,20 +949,34 @@ def render_md(res: dict) -> str:
             L.append(f"Error: {au['error']}\n")
         else:
             L.append(f"Device option in `ContrastiveEmbedder`: {au.get('has_device_option')}. "
-                     f"CPU as shipped: {fmt(au['cpu_as_shipped']['s_per_step'])} s/step "
+                     f"CPU as shipped: {_fmt(au['cpu_as_shipped']['s_per_step'])} s/step "
                      f"(batch {au['cpu_as_shipped']['batch_size']}). Probes of the audit code on CUDA: "
                      f"{au.get('cuda_probes')}. Model on the device, views made on the CPU: "
-                     f"{fmt(au['moved_by_hand']['s_per_step_total_median'])} s/step "
-                     f"(augmentation {fmt(au['moved_by_hand']['augment']['median_s'])} s + model step "
-                     f"{fmt(au['moved_by_hand']['model_step']['median_s'])} s).")
+                     f"{_fmt(au['moved_by_hand']['s_per_step_total_median'])} s/step "
+                     f"(augmentation {_fmt(au['moved_by_hand']['augment']['median_s'])} s + model step "
+                     f"{_fmt(au['moved_by_hand']['model_step']['median_s'])} s).")
             L.append(_sub_result("`ContrastiveEmbedder(device=cuda)` ([audit] device)",
                                  au.get("contrastive_embedder_on_device", {}),
-                                 lambda r: f"{fmt(r['s_per_step'])} s/step, 2000 images embedded in "
-                                           f"{fmt(r['embed_2000_s'])} s, embeddings finite: {r['embedding_finite']}"))
+                                 lambda r: f"{_fmt(r['s_per_step'])} s/step, 2000 images embedded in "
+                                           f"{_fmt(r['embed_2000_s'])} s, embeddings finite: {r['embedding_finite']}"))
             L.append(_sub_result("Views made on the device", au.get("views_on_device", {}),
-                                 lambda r: f"{fmt(r['s_per_step_total_median'])} s/step (augmentation "
-                                           f"{fmt(r['augment']['median_s'])} s + model step "
-                                           f"{fmt(r['model_step']['median_s'])} s)") + "\n")
+                                 lambda r: f"{_fmt(r['s_per_step_total_median'])} s/step (augmentation "
+                                           f"{_fmt(r['augment']['median_s'])} s + model step "
+                                           f"{_fmt(r['model_step']['median_s'])} s)") + "\n")
+
+
+def render_md(res: dict) -> str:
+    """A short markdown summary of a result file."""
+    L: list[str] = []
+    env = res.get("env", {})
+    L.append("# GPU check (`bench/gpu_check.py`)\n")
+    L.append(f"Device: **{env.get('device_name', 'no CUDA')}**, torch {env.get('torch')} "
+             f"(CUDA {env.get('torch_cuda')}), {env.get('cpu_count')} CPUs, "
+             f"bf16 {env.get('bf16_supported')}; diffusers {env.get('version_diffusers')}, "
+             f"opacus {env.get('version_opacus')}, faiss {env.get('version_faiss')}. "
+             f"Created {res.get('created')}, script wall {res.get('wall_s', 0):.0f} s.\n")
+    for section in (_md_train, _md_sd, _md_dp, _md_faiss, _md_audit):
+        section(res, L)
     errs = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
     if errs:
         L.append("## Parts that failed\n")
