@@ -57,6 +57,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from study import kid_beyond_noise  # noqa: E402
 
 SITES = ("breast-us", "chest-xray", "fundus", "dermoscopy")
+
+
+def _shown(path: Path) -> str:
+    """A path as the summary records it: relative to the repository where it lies inside."""
+    p = path.resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 MODES = ("pooled", "blocks", "scaffold", "replay")
 COMPARED = ("label_alignment", "tstr_balanced_accuracy", "kid")
 
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "replay_guidance")} if args.mode == "replay" else None),
             "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
             "seed": args.seed, "train_seconds": round(train_s, 1), "final_loss": r.metrics["loss"],
-            "threads": torch.get_num_threads(), "specialists": str(args.specialists.name) if spec else None,
+            "threads": torch.get_num_threads(), "specialists": _shown(args.specialists) if spec else None,
             "against_specialists": against_specialists(result["types"], spec) if spec else None,
             "types": {t: {"metrics": e.get("metrics"), "floors": e.get("floors")} for t, e in result["types"].items()},
         }
