@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "sites": [[SITES[t] for t in g] for g in groups],
             "replay": ({k: getattr(args, k) for k in ("replay_per_batch", "replay_per_prompt", "replay_steps",
                                                       "replay_guidance")} if args.mode == "replay" else None),
-            "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+            "config": _shown(args.config),
             "seed": args.seed, "train_seconds": round(train_s, 1), "final_loss": r.metrics["loss"],
             "threads": torch.get_num_threads(), "specialists": _shown(args.specialists) if spec else None,
             "against_specialists": against_specialists(result["types"], spec) if spec else None,
