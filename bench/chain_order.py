@@ -91,9 +91,11 @@ class Order:
         return step // sum(self.alloc)
 
 
-def block_source(order: Order, bounds: torch.Tensor, cut: int = 0):
+def block_source(order: Order, bounds: torch.Tensor, cut: int = 0, type_mix: str = "prompt"):
     """A batch source like ``BalancedBatches`` but drawing only the step's site's image
-    types (``cut`` records fewer per batch, for replay)."""
+    types (``cut`` records fewer per batch, for replay). ``type_mix``: ``prompt`` keeps
+    ``BalancedBatches``' per-prompt weights within the site; ``equal`` gives each of the
+    site's image types the same share of its batches."""
 
     class BlockBatches(T.BalancedBatches):
         def __init__(self, prompt_index: torch.Tensor, batch_size: int, seed: int, power: float):
@@ -102,6 +104,9 @@ def block_source(order: Order, bounds: torch.Tensor, cut: int = 0):
             self.per_type = []
             for g in order.groups:
                 w = torch.where(torch.isin(rec_type, torch.tensor(g)), self.weights, torch.zeros_like(self.weights))
+                if type_mix == "equal":
+                    for t in g:
+                        w = torch.where(rec_type == t, w / w[rec_type == t].sum(), w)
                 self.per_type.append(w / w.sum())
 
         def batch(self, step: int) -> torch.Tensor:
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alloc", default="6,6,6,6", help="steps per site per round")
     ap.add_argument("--sites", default="0,1,2,3",
                     help="image types per site: 0 breast, 1 CXR, 2 fundus, 3 derm; '0+1,2+3' = two sites of two")
+    ap.add_argument("--type-mix", choices=("prompt", "equal"), default="prompt",
+                    help="blocks: a site's types weighted per prompt (count**balance_power) or equally")
     ap.add_argument("--replay-per-batch", type=int, default=16)
     ap.add_argument("--replay-per-prompt", type=int, default=16)
     ap.add_argument("--replay-steps", type=int, default=10)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(order.alloc) != len(groups) or min(order.alloc) < 1:
         ap.error(f"--alloc {args.alloc!r}: needs {len(groups)} positive step counts (one per site)")
     if args.mode in ("blocks", "scaffold"):
-        T.batch_source = block_source(order, bounds)
+        T.batch_source = block_source(order, bounds, type_mix=args.type_mix)
     if args.mode == "scaffold":
         install_scaffold(order)
     if args.mode == "replay":
@@ -263,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "kind": "medisyn-chain-order", "mode": args.mode, "steps": args.steps, "alloc": order.alloc,
             "sites": [[SITES[t] for t in g] for g in groups],
+            "type_mix": args.type_mix if args.mode in ("blocks", "scaffold") else None,
             "replay": ({k: getattr(args, k) for k in ("replay_per_batch", "replay_per_prompt", "replay_steps",
                                                       "replay_guidance")} if args.mode == "replay" else None),
             "config": _shown(args.config),
