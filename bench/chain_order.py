@@ -13,7 +13,8 @@ and one learning-rate schedule over the four shared datasets, and only the batch
   another (default 6 each: the study's cyclic 32 x 6), the order rotating by one site
   each round; a site holds one image type (``--sites 0,1,2,3``) or several
   (``--sites 0+1,2+3``: two sites of two types, ``--alloc 12,12``); batches
-  label-balanced within the site's types.
+  label-balanced within the site's types, or with each of the site's types given an equal
+  share (``--type-mix equal``; ``blocks`` and ``scaffold`` only).
 - ``scaffold``: ``blocks`` plus a SCAFFOLD-style drift correction (Karimireddy et al. 2020):
   each step's gradient gets ``mean_j c_j - c_i``, where ``c_j`` is type j's mean gradient
   over its last block.
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--specialists", type=Path,
                     default=ROOT / "bench" / "results" / "study-32-rounds-cyclic-interval-kid-se" / "study.json")
     args = ap.parse_args(argv)
+    if args.type_mix != "prompt" and args.mode not in ("blocks", "scaffold"):
+        ap.error(f"--type-mix {args.type_mix!r}: only with --mode blocks or scaffold (not {args.mode!r})")
 
     model_cfg, train_cfg = _load_model_train_config(args.config, "tiny", args.seed)
     dcfgs = [load_dataset_config(args.data / f"{s}.toml") for s in SITES]
