@@ -14,7 +14,9 @@ and one learning-rate schedule over the four shared datasets, and only the batch
   each round; a site holds one image type (``--sites 0,1,2,3``) or several
   (``--sites 0+1,2+3``: two sites of two types, ``--alloc 12,12``); batches
   label-balanced within the site's types, or with each of the site's types given an equal
-  share (``--type-mix equal``; ``blocks`` and ``scaffold`` only).
+  share (``--type-mix equal``; ``blocks`` and ``scaffold`` only). ``--visit-ema`` gives
+  the chain the Flower sites' EMA: a fresh one per visit, whose weights the next visit
+  starts from.
 - ``scaffold``: ``blocks`` plus a SCAFFOLD-style drift correction (Karimireddy et al. 2020):
   each step's gradient gets ``mean_j c_j - c_i``, where ``c_j`` is type j's mean gradient
   over its last block.
@@ -146,6 +148,24 @@ def install_scaffold(order: Order) -> None:
     T.PlainStepper.apply = apply
 
 
+def install_visit_ema(order: Order) -> None:
+    """The federated chain's EMA in one process: at every change of site the EMA's weights
+    become the model's (as a site returns them and the next site starts from them) and a
+    fresh EMA with warm-up starts, so the model released is the last visit's average."""
+
+    class VisitEMA(T.EMAHook):
+        def after_step(self, step: int) -> None:
+            super().after_step(step)
+            # the next step starts another visit: another site, or the same site in a new round
+            if (order.site_of(step), order.round_of(step)) != (order.site_of(step - 1), order.round_of(step - 1)):
+                self.ema.copy_to(self.params)
+                for shadow, p in zip(self.ema.shadow_params, self.params, strict=True):
+                    shadow.copy_(p.detach())
+                self.ema.optimization_step = 0
+
+    T.EMAHook = VisitEMA
+
+
 def install_replay(order: Order, bounds: torch.Tensor, args: argparse.Namespace) -> None:
     """Each round the live model draws images of every prompt; a batch then holds
     ``replay_per_batch`` of those of the other types."""
@@ -218,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="image types per site: 0 breast, 1 CXR, 2 fundus, 3 derm; '0+1,2+3' = two sites of two")
     ap.add_argument("--type-mix", choices=("prompt", "equal"), default="prompt",
                     help="blocks: a site's types weighted per prompt (count**balance_power) or equally")
+    ap.add_argument("--visit-ema", action="store_true",
+                    help="blocks: a fresh EMA per visit whose weights the next site starts from, as the Flower chain")
     ap.add_argument("--replay-per-batch", type=int, default=16)
     ap.add_argument("--replay-per-prompt", type=int, default=16)
     ap.add_argument("--replay-steps", type=int, default=10)
@@ -243,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--alloc {args.alloc!r}: needs {len(groups)} positive step counts (one per site)")
     if args.mode in ("blocks", "scaffold"):
         T.batch_source = block_source(order, bounds, type_mix=args.type_mix)
+    if args.visit_ema:
+        install_visit_ema(order)
     if args.mode == "scaffold":
         install_scaffold(order)
     if args.mode == "replay":
@@ -274,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "medisyn-chain-order", "mode": args.mode, "steps": args.steps, "alloc": order.alloc,
             "sites": [[SITES[t] for t in g] for g in groups],
             "type_mix": args.type_mix if args.mode in ("blocks", "scaffold") else None,
+            "visit_ema": args.visit_ema,
             "replay": ({k: getattr(args, k) for k in ("replay_per_batch", "replay_per_prompt", "replay_steps",
                                                       "replay_guidance")} if args.mode == "replay" else None),
             "config": _shown(args.config),
