@@ -69,6 +69,7 @@ def _shown(path: Path) -> str:
 
 
 MODES = ("pooled", "blocks", "scaffold", "replay")
+BLOCK_BATCHES = ("blocks", "scaffold")  # modes whose batches come from block_source
 COMPARED = ("label_alignment", "tstr_balanced_accuracy", "kid")
 
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--type-mix", choices=("prompt", "equal"), default="prompt",
                     help="blocks: a site's types weighted per prompt (count**balance_power) or equally")
     ap.add_argument("--visit-ema", action="store_true",
-                    help="blocks: a fresh EMA per visit whose weights the next site starts from, as the Flower chain")
+                    help="a fresh EMA per visit, whose weights the next visit starts from (as in Flower)")
     ap.add_argument("--replay-per-batch", type=int, default=16)
     ap.add_argument("--replay-per-prompt", type=int, default=16)
     ap.add_argument("--replay-steps", type=int, default=10)
@@ -249,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--specialists", type=Path,
                     default=ROOT / "bench" / "results" / "study-32-rounds-cyclic-interval-kid-se" / "study.json")
     args = ap.parse_args(argv)
-    if args.type_mix != "prompt" and args.mode not in ("blocks", "scaffold"):
+    if args.type_mix != "prompt" and args.mode not in BLOCK_BATCHES:
         ap.error(f"--type-mix {args.type_mix!r}: only with --mode blocks or scaffold (not {args.mode!r})")
+    if args.visit_ema and args.mode == "pooled":
+        ap.error("--visit-ema: pooled training has no visits (use --mode blocks, scaffold or replay)")
 
     model_cfg, train_cfg = _load_model_train_config(args.config, "tiny", args.seed)
     dcfgs = [load_dataset_config(args.data / f"{s}.toml") for s in SITES]
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     order = Order([int(x) for x in args.alloc.split(",")], groups)
     if len(order.alloc) != len(groups) or min(order.alloc) < 1:
         ap.error(f"--alloc {args.alloc!r}: needs {len(groups)} positive step counts (one per site)")
-    if args.mode in ("blocks", "scaffold"):
+    if args.mode in BLOCK_BATCHES:
         T.batch_source = block_source(order, bounds, type_mix=args.type_mix)
     if args.visit_ema:
         install_visit_ema(order)
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "kind": "medisyn-chain-order", "mode": args.mode, "steps": args.steps, "alloc": order.alloc,
             "sites": [[SITES[t] for t in g] for g in groups],
-            "type_mix": args.type_mix if args.mode in ("blocks", "scaffold") else None,
+            "type_mix": args.type_mix if args.mode in BLOCK_BATCHES else None,
             "visit_ema": args.visit_ema,
             "replay": ({k: getattr(args, k) for k in ("replay_per_batch", "replay_per_prompt", "replay_steps",
                                                       "replay_guidance")} if args.mode == "replay" else None),
