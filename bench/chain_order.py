@@ -16,7 +16,10 @@ and one learning-rate schedule over the four shared datasets, and only the batch
   label-balanced within the site's types, or with each of the site's types given an equal
   share (``--type-mix equal``; ``blocks`` and ``scaffold`` only). ``--visit-ema`` gives
   the chain the Flower sites' EMA: a fresh one per visit, whose weights the next visit
-  starts from.
+  starts from. ``--site-moments`` gives each site its own AdamW moments (kept between its
+  visits, as ``[train] keep_optimizer_state``), ``--anchor`` the sites' prompt anchoring
+  (at each visit the other sites' prompts held to the model the visit started from,
+  ``[train] anchor_weight`` / ``anchor_fraction``).
 - ``scaffold``: ``blocks`` plus a SCAFFOLD-style drift correction (Karimireddy et al. 2020):
   each step's gradient gets ``mean_j c_j - c_i``, where ``c_j`` is type j's mean gradient
   over its last block.
@@ -167,6 +170,64 @@ def install_visit_ema(order: Order) -> None:
     T.EMAHook = VisitEMA
 
 
+def _visit_starts(order: Order, step: int) -> bool:
+    """Whether ``step`` starts a visit: the first step, another site, or a new round."""
+    return step == 0 or (order.site_of(step), order.round_of(step)) != (order.site_of(step - 1),
+                                                                         order.round_of(step - 1))
+
+
+def install_site_moments(order: Order) -> None:
+    """Per-site AdamW moments: at each visit the optimizer's state becomes the one this
+    site left at the end of its last visit (fresh at its first), as a Flower site with
+    ``keep_optimizer_state`` restores it from its state directory."""
+    from collections import defaultdict
+
+    kept: dict[int, Any] = {}
+    st = {"step": 0, "site": None}
+    plain_apply = T.PlainStepper.apply
+
+    def apply(self, loss: torch.Tensor) -> None:
+        step, site = st["step"], order.site_of(st["step"])
+        if _visit_starts(order, step):
+            if st["site"] is not None:
+                kept[st["site"]] = self.optimizer.state
+            self.optimizer.state = kept.pop(site, None) or defaultdict(dict)
+            st["site"] = site
+        plain_apply(self, loss)
+        st["step"] += 1
+
+    T.PlainStepper.apply = apply
+
+
+def install_anchor(order: Order, bounds: torch.Tensor) -> None:
+    """Prompt anchoring as the Flower sites do it: each visit, the prompts of the other
+    sites' image types are held (``anchor_weight``, on ``anchor_fraction`` of the batch)
+    to what the model predicted for them when the visit started."""
+    import copy
+
+    class VisitAnchor(T.PromptAnchorHook):
+        def __init__(self, objective: Any, module: torch.nn.Module, prompts: list[str], weight: float,
+                     fraction: float):  # the parent drops prompts in the objective's vocab: here that is all
+            self.objective, self.weight, self.fraction, self.prompts = objective, weight, fraction, prompts
+            self.teacher = copy.deepcopy(module).eval().requires_grad_(False)
+            self.embeddings = objective.c.prompt_encoder.encode(prompts, device=objective.device)
+            self._public = None
+
+    plain_step = T.PlainStepper.train_step
+
+    def train_step(self, module: torch.nn.Module, step: int, gen: torch.Generator, stage: str):
+        if _visit_starts(order, step):
+            obj = self.objective
+            rec_type = torch.bucketize(torch.arange(len(obj.prompt_index)), bounds, right=True)
+            own = torch.tensor(order.groups[order.site_of(step)])
+            others = obj.prompt_index[~torch.isin(rec_type, own)].unique().tolist()
+            self.anchor = VisitAnchor(obj, module, sorted(obj.vocab[i] for i in others),
+                                      self.config.anchor_weight, self.config.anchor_fraction)
+        return plain_step(self, module, step, gen, stage)
+
+    T.PlainStepper.train_step = train_step
+
+
 def install_replay(order: Order, bounds: torch.Tensor, args: argparse.Namespace) -> None:
     """Each round the live model draws images of every prompt; a batch then holds
     ``replay_per_batch`` of those of the other types."""
@@ -241,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks: a site's types weighted per prompt (count**balance_power) or equally")
     ap.add_argument("--visit-ema", action="store_true",
                     help="a fresh EMA per visit, whose weights the next visit starts from (as in Flower)")
+    ap.add_argument("--site-moments", action="store_true",
+                    help="each site its own AdamW moments, kept between its visits (keep_optimizer_state)")
+    ap.add_argument("--anchor", action="store_true",
+                    help="each visit, the other sites' prompts anchored to the visit's starting model")
+    ap.add_argument("--threads", type=int, help="torch threads for training (default: the config's)")
     ap.add_argument("--replay-per-batch", type=int, default=16)
     ap.add_argument("--replay-per-prompt", type=int, default=16)
     ap.add_argument("--replay-steps", type=int, default=10)
@@ -252,10 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.type_mix != "prompt" and args.mode not in BLOCK_BATCHES:
         ap.error(f"--type-mix {args.type_mix!r}: only with --mode blocks or scaffold (not {args.mode!r})")
-    if args.visit_ema and args.mode == "pooled":
-        ap.error("--visit-ema: pooled training has no visits (use --mode blocks, scaffold or replay)")
+    for flag in ("visit_ema", "site_moments", "anchor"):
+        if getattr(args, flag) and args.mode == "pooled":
+            ap.error(f"--{flag.replace('_', '-')}: pooled training has no visits (use --mode blocks, scaffold or replay)")
+    if args.site_moments and args.mode == "scaffold":
+        ap.error("--site-moments: scaffold replaces the optimizer step itself; use --mode blocks or replay")
 
     model_cfg, train_cfg = _load_model_train_config(args.config, "tiny", args.seed)
+    if args.threads:
+        train_cfg = train_cfg.model_copy(update={"num_threads": args.threads})
     dcfgs = [load_dataset_config(args.data / f"{s}.toml") for s in SITES]
     parts = [load_dataset(d, resolution=model_cfg.resolution, channels=model_cfg.channels, splits=d.split.train)
              for d in dcfgs]
@@ -270,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         T.batch_source = block_source(order, bounds, type_mix=args.type_mix)
     if args.visit_ema:
         install_visit_ema(order)
+    if args.site_moments:
+        install_site_moments(order)
+    if args.anchor:
+        install_anchor(order, bounds)
     if args.mode == "scaffold":
         install_scaffold(order)
     if args.mode == "replay":
@@ -301,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "medisyn-chain-order", "mode": args.mode, "steps": args.steps, "alloc": order.alloc,
             "sites": [[SITES[t] for t in g] for g in groups],
             "type_mix": args.type_mix if args.mode in BLOCK_BATCHES else None,
-            "visit_ema": args.visit_ema,
+            "visit_ema": args.visit_ema, "site_moments": args.site_moments,
+            "anchor": ({"weight": train_cfg.anchor_weight, "fraction": train_cfg.anchor_fraction}
+                       if args.anchor else None),
             "replay": ({k: getattr(args, k) for k in ("replay_per_batch", "replay_per_prompt", "replay_steps",
                                                       "replay_guidance")} if args.mode == "replay" else None),
             "config": _shown(args.config),
