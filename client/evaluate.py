@@ -81,7 +81,7 @@ def evaluate_query(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
     if policy is not None:
         policy.admit_query(QUERY, _model_hash(config, arrays, frozen))
     min_group = int(getattr(site.privacy, "audit_min_group", 1) or 1)
-    components, _, _ = _components(site, config, arrays, frozen)
+    components, _, _, _ = _components(site, config, arrays, frozen)
     components.unet.eval()
     components.vae.eval()
     meta = None

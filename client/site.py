@@ -158,7 +158,7 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
     )
 
     policy = SitePolicy(site)
-    policy.check_model_size(_message_parameters(arrays, frozen))
+    policy.check_model_size(_message_parameters(arrays, frozen, config))
     model_cfg = ModelConfig.model_validate_json(str(config[P.MODEL_CONFIG]))
     stage = str(config[P.STAGE])
     # a fresh trainable copy of the model; the template (and the text encoder with its
@@ -187,9 +187,36 @@ def _components(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray 
         set_latent_scale(components, float(config[P.LATENT_STD]))
     if arrays is None:
         raise ConfigError("the message carries no weights for the stage")
-    own = shapes(stage)
-    load_trainable_state(components, stage, tensors(unpack(arrays, [(k, own[k]) for k in sorted(own)])))  # type: ignore[arg-type]
-    return components, model_cfg, stage
+    from medisyn.train import split_run_ema
+
+    sent = tensors(unpack(arrays, stage_layout(config, shapes(stage))))
+    weights, ema = split_run_ema(sent)
+    load_trainable_state(components, stage, weights)  # type: ignore[arg-type]
+    run_ema = (ema, _ema_step(config)) if P.EMA_STEP in config else None
+    return components, model_cfg, stage, run_ema
+
+
+def stage_layout(config: Mapping[str, Any], own: Mapping[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...]]]:
+    """The layout of a message's stage weights: the stage's own, plus the run's EMA of each
+    (``ema.<name>``) when the coordinator carries one (``P.EMA_STEP``)."""
+    from medisyn.train import EMA_PREFIX
+
+    keys = dict(own)
+    if P.EMA_STEP in config:
+        keys.update({EMA_PREFIX + k: v for k, v in own.items()})
+    return [(k, keys[k]) for k in sorted(keys)]
+
+
+def _ema_step(config: Mapping[str, Any]) -> int:
+    """The run's EMA step count (``P.EMA_STEP``), checked."""
+    value = config[P.EMA_STEP]
+    try:
+        step = int(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{P.EMA_STEP}: expected a whole number of steps, got {str(value)[:80]!r}") from e
+    if step < 0 or step != float(value):
+        raise ConfigError(f"{P.EMA_STEP}: expected a whole number of steps >= 0, got {value!r}")
+    return step
 
 
 def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None,
@@ -198,7 +225,7 @@ def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndar
 
     from medisyn.data import ConcatImageDataset
 
-    components, model_cfg, stage = _components(site, config, arrays, frozen)
+    components, model_cfg, stage, run_ema = _components(site, config, arrays, frozen)
     parts = []
     for ds in site.datasets:
         split = ds.split.holdout if holdout else ds.split.train
@@ -211,7 +238,7 @@ def _model_and_data(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndar
     # a site with several datasets trains on all of them in shuffled (or Poisson) batches:
     # one model step sees several image types, as pooled training does (docs/federation.md)
     dataset = parts[0] if len(parts) == 1 else ConcatImageDataset(parts)
-    return components, dataset, stage
+    return components, dataset, stage, run_ema
 
 
 def enforce_policy(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray | None = None,
@@ -222,11 +249,14 @@ def enforce_policy(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarr
     from medisyn.client.policy import SitePolicy
 
     SitePolicy(site).admit_train(local_steps=int(config.get(P.LOCAL_STEPS, 0)),
-                                 n_parameters=_message_parameters(arrays, frozen))
+                                 n_parameters=_message_parameters(arrays, frozen, config))
 
 
-def _message_parameters(*arrays: np.ndarray | None) -> int:
-    return sum(int(a.size) for a in arrays if a is not None)
+def _message_parameters(arrays: np.ndarray | None, frozen: np.ndarray | None, config: Mapping[str, Any]) -> int:
+    """The model's parameters in a message: its weights (not counting the run's EMA of
+    them, which has as many again) and the frozen stages'."""
+    n = int(arrays.size) // (2 if P.EMA_STEP in config else 1) if arrays is not None else 0
+    return n + (int(frozen.size) if frozen is not None else 0)
 
 
 def _model_hash(config: Mapping[str, Any], arrays: np.ndarray | None, frozen: np.ndarray | None) -> str:
@@ -288,7 +318,7 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
                 "the server asks for FedProx (proximal-mu > 0) but this site's "
                 "medisyn.train.train_local has no proximal term"
             )
-    components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=False)
+    components, dataset, stage, run_ema = _model_and_data(site, config, arrays, frozen, holdout=False)
     if not site.privacy.dp:
         # Fail closed before any step: a site that has trained (ledger or marker on disk)
         # must have a readable ledger to record these non-private steps in.
@@ -301,6 +331,8 @@ def train_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
         kwargs["anchor_prompts"] = P.decode_prompts(config[P.ANCHOR_PROMPTS])
     if P.LR_SCHEDULE in config:
         kwargs["schedule"] = decode_schedule(config[P.LR_SCHEDULE], int(config[P.LOCAL_STEPS]))
+    if run_ema is not None:
+        kwargs["run_ema"] = run_ema
     if train_cfg.keep_optimizer_state:
         kwargs["optimizer_state"] = LocalOptimizerState(state_dir, stage, run_id)
     result = train_local(
@@ -338,7 +370,7 @@ def evaluate_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarra
     from medisyn.train import evaluate_loss
 
     SitePolicy(site).admit_query(P.QUERY_EVALUATE, _model_hash(config, arrays, frozen))
-    components, dataset, stage = _model_and_data(site, config, arrays, frozen, holdout=True)
+    components, dataset, stage, _ = _model_and_data(site, config, arrays, frozen, holdout=True)
     loss = evaluate_loss(components, dataset, stage=stage, seed=int(config.get(P.SEED, 0)))  # type: ignore[arg-type]
     return {P.LOSS: float(loss), P.NUM_EXAMPLES: int(len(dataset))}
 
@@ -385,7 +417,7 @@ def query_task(site: SiteConfig, config: Mapping[str, Any], arrays: np.ndarray |
     SitePolicy(site).admit_query(P.QUERY_COPY_DETECTION, fingerprint)
     components = None
     if arrays is not None and P.MODEL_CONFIG in config:
-        components, _, _ = _components(site, config, arrays, frozen)
+        components, _, _, _ = _components(site, config, arrays, frozen)
         components.unet.eval()
         components.vae.eval()
     sample = site.privacy.audit_verify_sample

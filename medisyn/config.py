@@ -205,6 +205,13 @@ class TrainConfig(_Frozen):
     # EMA of the trained weights (diffusers' EMAModel with warm-up, so short federated
     # rounds average over their own last steps); 0 (in TOML) or None turns it off.
     ema_decay: float | None = Field(default=0.999, ge=0, lt=1)
+    # Federated runs: "round": each site's EMA starts afresh every round and the site
+    # returns its EMA weights (so the released model is an average over the last round's
+    # steps only); "run": one EMA over the whole run travels with the model (the
+    # coordinator sends it beside the weights, each site steps it through its own steps and
+    # returns both, FedAvg averages it like the weights) and the released model is that EMA,
+    # as in central training (docs/quality.md, "one EMA over the chain").
+    ema_scope: Literal["round", "run"] = "round"
     # Min-SNR-gamma loss weighting (Hang et al. 2023) for the UNet; None: plain MSE.
     snr_gamma: float | None = Field(default=5.0, gt=0)
     # Batches drawn with P(prompt) proportional to count**balance_power: 1 = natural

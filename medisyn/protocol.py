@@ -14,7 +14,7 @@ Coordinator -> site (``train`` / ``evaluate``):
 - :data:`CONFIG`: ConfigRecord with :data:`STAGE`, :data:`ROUND` (a label only: the site
   counts rounds itself), :data:`SEED`, :data:`MODEL_CONFIG`, and for ``train``
   :data:`LOCAL_STEPS`, :data:`TRAIN_CONFIG`, :data:`REPLY_TOKEN`, :data:`PROXIMAL_MU`
-  (FedProx), :data:`LR_SCHEDULE`; :data:`LATENT_STD` and :data:`ANCHOR_PROMPTS` for the tiny preset's UNet stage.
+  (FedProx), :data:`LR_SCHEDULE`, :data:`EMA_STEP` (the run's EMA); :data:`LATENT_STD` and :data:`ANCHOR_PROMPTS` for the tiny preset's UNet stage.
 
 Site -> coordinator: :data:`METRICS` (MetricRecord, always with :data:`NUM_EXAMPLES`),
 :data:`SITE_RECORD` (ConfigRecord: :data:`SITE_ID`, the echoed :data:`REPLY_TOKEN`), and
@@ -65,6 +65,10 @@ ANCHOR_PROMPTS = "anchor-prompts"
 # JSON [offset, total]: this round's local steps are steps offset+1.. of the stage's
 # whole round plan of ``total`` steps (warmup and cosine over the run: [train] lr_schedule_scope)
 LR_SCHEDULE = "lr-schedule"
+# The run's EMA travels with the weights ([train] ema_scope = "run"): the message's
+# arrays hold the stage's weights plus their EMA as "ema.<name>" (medisyn.train.EMA_PREFIX),
+# and this key gives the number of steps the EMA has averaged over so far (its warm-up)
+EMA_STEP = "ema-step"
 LATENT_STD = "latent-std"  # the tiny VAE's latent scale (also a metric of the VAE stage)
 FROZEN_STAGES = "frozen-stages"  # comma-separated stages in the FROZEN record
 

@@ -291,6 +291,76 @@ class EMAHook:
         self.ema.optimization_step = int(tensors["ema.step"]) if "ema.step" in tensors else 0
 
 
+EMA_PREFIX = "ema."  # the run's EMA beside a stage's weights: "ema.<weight name>"
+
+
+class RunEMAHook:
+    """The run's EMA, carried from round to round (``[train] ema_scope = "run"``): it
+    starts from the EMA the coordinator sent (``shadow``, keyed as :func:`trainable_state`)
+    at the run's step ``step`` and steps through this round's steps with diffusers'
+    ``EMAModel`` warm-up (decay ``1 - (1 + k)^-2/3``, capped at ``decay``), so a chain of
+    rounds yields the EMA one process would have kept over all of them. Every weight of the
+    stage takes part (also ones frozen at this site: their EMA moves toward their value).
+    The model keeps its own weights; the EMA is returned beside them (:meth:`state`)."""
+
+    def __init__(self, live: Mapping[str, torch.Tensor], shadow: Mapping[str, torch.Tensor], step: int,
+                 decay: float):
+        missing, extra = sorted(set(live) - set(shadow)), sorted(set(shadow) - set(live))
+        if missing or extra:
+            raise ValueError(f"the run's EMA does not match the stage's weights: {len(missing)} missing "
+                             f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})")
+        if step < 0:
+            raise ValueError(f"the run's EMA step must be >= 0, got {step}")
+        self.live, self.decay, self.step = dict(live), decay, int(step)
+        self.shadow = {}
+        for k, v in live.items():
+            if tuple(shadow[k].shape) != tuple(v.shape):
+                raise ValueError(f"the run's EMA of {k!r} has shape {tuple(shadow[k].shape)}; the weight is "
+                                 f"{tuple(v.shape)}")
+            self.shadow[k] = shadow[k].detach().to(device=v.device, dtype=v.dtype).clone()
+
+    def current_decay(self) -> float:
+        """diffusers' ``EMAModel.get_decay`` at this step (``update_after_step`` 0)."""
+        k = self.step - 1
+        return 0.0 if k <= 0 else min(self.decay, 1 - (1 + k) ** (-2 / 3))
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        self.step += 1
+        weight = 1.0 - self.current_decay()
+        for k, s in self.shadow.items():
+            v = self.live[k]
+            if s.is_floating_point():
+                s.lerp_(v.detach(), weight)
+            else:
+                s.copy_(v)
+
+    def finish(self) -> None:
+        """Nothing: the model keeps its own weights, the EMA travels beside them."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The EMA keyed ``ema.<name>``, as detached CPU tensors (it leaves with the reply)."""
+        return {EMA_PREFIX + k: s.detach().cpu().clone() for k, s in self.shadow.items()}
+
+    def state(self) -> dict[str, torch.Tensor]:  # a local checkpoint's copy (resume)
+        out = {f"ema.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.shadow.values())}
+        out["ema.step"] = torch.tensor(self.step)
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, s in enumerate(self.shadow.values()):
+            s.copy_(tensors[f"ema.{i}"])
+        self.step = int(tensors["ema.step"])
+
+
+def split_run_ema(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(weights, run EMA)`` of a stage state that may carry the run's EMA (``ema.<name>``
+    keys, prefix removed); the EMA is empty when the state carries none."""
+    weights = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    return weights, ema
+
+
 class ProximalHook:
     """FedProx's proximal term ``mu/2 * ||w - w_start||^2`` (w_start: the round's global model)."""
 
@@ -424,7 +494,7 @@ def _seed_for(config: TrainConfig, round: int, site_id: str) -> int:
 
 
 def _save_checkpoint(directory: Path, *, step: int, module: torch.nn.Module, optimizer, gen: torch.Generator,
-                     ema: EMAHook | None, meta: dict[str, Any]) -> None:
+                     ema: EMAHook | RunEMAHook | None, meta: dict[str, Any]) -> None:
     """Atomic checkpoint: weights + optimizer tensors as safetensors, the rest as JSON."""
     from safetensors.torch import save_file
 
@@ -455,7 +525,7 @@ def _save_checkpoint(directory: Path, *, step: int, module: torch.nn.Module, opt
 
 
 def _load_checkpoint(directory: Path, *, module: torch.nn.Module, optimizer, gen: torch.Generator,
-                     ema: EMAHook | None) -> int:
+                     ema: EMAHook | RunEMAHook | None) -> int:
     from safetensors.torch import load_file
 
     info = json.loads((directory / "checkpoint.json").read_text())
@@ -751,6 +821,7 @@ def train_local(
     anchor_prompts: Sequence[str] = (),
     schedule: tuple[int, int] | None = None,
     optimizer_state: LocalOptimizerState | None = None,
+    run_ema: tuple[Mapping[str, torch.Tensor], int] | None = None,
 ) -> TrainResult:
     """Train ``stage`` for ``steps`` optimizer steps on ``dataset``; see module docstring.
 
@@ -767,6 +838,11 @@ def train_local(
     of ``total`` steps, and warmup and cosine follow the run, not the round.
     ``optimizer_state``: the site's AdamW moments from its last round of this run are
     restored first and kept after (:class:`LocalOptimizerState`).
+    ``run_ema`` = (EMA, the run's step count): the run's EMA as the coordinator sent it
+    (``[train] ema_scope = "run"``); it steps through these steps (:class:`RunEMAHook`)
+    and the returned state holds the trained weights plus the EMA under ``ema.<name>``.
+    Without it, the EMA (``ema_decay``) covers these steps only and its weights are
+    returned.
 
     With ``privacy.dp`` the steps are DP-SGD steps and the site's ledger at
     ``ledger_path`` (a state directory) is restored first, checked against
@@ -798,7 +874,13 @@ def train_local(
             raise ConfigError(f"stage {stage!r} has no trainable parameters")
         lr = config.vae_lr if stage == "vae" else config.lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-        ema = EMAHook(params, config.ema_decay) if config.ema_decay else None
+        ema: EMAHook | RunEMAHook | None = None
+        if run_ema is not None and config.ema_decay:
+            from medisyn.models import live_trainable_state
+
+            ema = RunEMAHook(live_trainable_state(c, stage), run_ema[0], run_ema[1], config.ema_decay)
+        elif config.ema_decay:
+            ema = EMAHook(params, config.ema_decay)
         proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
         anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
 
@@ -824,14 +906,17 @@ def train_local(
                                  anchor=anchor, extra=stepper.extra)
         if stage == "vae":
             metrics["latent-std"] = latent_std(c, dataset, device=device)
-        return TrainResult(state=trainable_state(c, stage), metrics=metrics)
+        state = trainable_state(c, stage)
+        if isinstance(ema, RunEMAHook):
+            state.update(ema.weights())
+        return TrainResult(state=state, metrics=metrics)
     finally:
         for p in frozen:  # the components are the caller's: give them back as they came
             p.requires_grad_(True)
 
 
 def _restore_and_hooks(module: torch.nn.Module, optimizer: torch.optim.Optimizer, gen: torch.Generator,
-                       ema: EMAHook | None, *, config: TrainConfig, stage: Stage, steps: int,
+                       ema: EMAHook | RunEMAHook | None, *, config: TrainConfig, stage: Stage, steps: int,
                        checkpoint_dir: Path | None, resume: bool, optimizer_state: LocalOptimizerState | None
                        ) -> tuple[int, int, list[Any]]:
     """Where the round starts: a local checkpoint to resume (``resume``), else the site's

@@ -105,15 +105,27 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- model
 
 
+RUN_EMA_FILE = "run-ema.safetensors"  # a checkpoint's run EMA ([train] ema_scope = "run")
+
+
 class GlobalModel:
-    """The coordinator's copy of the model (medisyn core; never sent whole)."""
+    """The coordinator's copy of the model (medisyn core; never sent whole).
+
+    With ``[train] ema_scope = "run"`` it also holds, per stage, the run's EMA of the
+    weights and the number of steps that EMA has averaged (:attr:`ema`, :attr:`ema_step`):
+    the weights train on, the EMA is what is released, audited and evaluated."""
 
     def __init__(self, cfg: ModelConfig, *, seed: int = 0, from_dir: Path | None = None):
         from medisyn.models import build_components, load_components
 
         self.components = load_components(from_dir) if from_dir else build_components(cfg, seed=seed)
+        self.ema: dict[str, dict[str, np.ndarray]] = {}
+        self.ema_step: dict[str, int] = {}
+        if from_dir is not None and (Path(from_dir) / RUN_EMA_FILE).is_file():
+            self._load_run_ema(Path(from_dir) / RUN_EMA_FILE)
 
-    def state(self, stage: Stage) -> dict[str, np.ndarray]:
+    def weights(self, stage: Stage) -> dict[str, np.ndarray]:
+        """The stage's weights as they train (not the run's EMA)."""
         from medisyn.models import trainable_state
 
         return {
@@ -121,14 +133,60 @@ class GlobalModel:
             for k, v in trainable_state(self.components, stage).items()
         }
 
-    def load(self, stage: Stage, arrays: dict[str, np.ndarray]) -> None:
+    def state(self, stage: Stage) -> dict[str, np.ndarray]:
+        """The stage's model as released: the run's EMA where the run keeps one, else the
+        weights (what the audit, the evaluation and later stages get)."""
+        if stage in self.ema:
+            return {k: v.copy() for k, v in self.ema[stage].items()}
+        return self.weights(stage)
+
+    def train_state(self, stage: Stage, carry_ema: bool) -> dict[str, np.ndarray]:
+        """What a training round sends: the weights, plus (``carry_ema``) the run's EMA of
+        them as ``ema.<name>`` (the weights themselves at the run's first round)."""
+        from medisyn.train import EMA_PREFIX
+
+        weights = self.weights(stage)
+        if not carry_ema:
+            return weights
+        ema = self.ema.get(stage) or weights
+        return {**weights, **{EMA_PREFIX + k: v.copy() for k, v in ema.items()}}
+
+    def load(self, stage: Stage, arrays: dict[str, np.ndarray], ema_steps: int = 0) -> None:
+        """Load a round's aggregate; a run EMA in it (``ema.<name>``) is kept beside the
+        weights, its step count advanced by ``ema_steps``."""
         import torch
 
         from medisyn.models import load_trainable_state
+        from medisyn.train import split_run_ema
 
+        weights, ema = split_run_ema(arrays)
         load_trainable_state(
-            self.components, stage, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+            self.components, stage, {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
         )
+        if ema:
+            if set(ema) != set(weights):
+                raise ValueError(f"stage {stage!r}: the run's EMA does not cover the same weights as the model")
+            self.ema[stage] = {k: np.array(v, dtype=np.float32) for k, v in ema.items()}
+            self.ema_step[stage] = self.ema_step.get(stage, 0) + int(ema_steps)
+
+    def _load_run_ema(self, path: Path) -> None:
+        from safetensors.numpy import load_file
+
+        for key, v in load_file(str(path)).items():
+            stage, _, name = key.partition("/")
+            if name == "":
+                raise ValueError(f"{path}: key {key!r} is not <stage>/<weight>")
+            if name == "#step":
+                self.ema_step[stage] = int(v)
+            else:
+                self.ema.setdefault(stage, {})[name] = v
+
+    def _save_run_ema(self, out_dir: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {f"{stage}/{k}": np.ascontiguousarray(v) for stage, e in self.ema.items() for k, v in e.items()}
+        tensors.update({f"{stage}/#step": np.asarray(n, dtype=np.int64) for stage, n in self.ema_step.items()})
+        save_file(tensors, str(out_dir / RUN_EMA_FILE))
 
     def extra_config(self, stage: Stage) -> dict[str, Any]:
         """Non-weight model settings a site needs: the tiny VAE's latent scale."""
@@ -147,9 +205,32 @@ class GlobalModel:
             set_latent_scale(self.components, std)
 
     def save(self, out_dir: Path) -> None:
+        """A checkpoint: the weights as they train, and the run's EMA beside them."""
         from medisyn.models import save_components
 
         save_components(self.components, out_dir)
+        if self.ema:
+            self._save_run_ema(out_dir)
+
+    def save_release(self, out_dir: Path) -> None:
+        """The released model: each stage's run EMA where the run keeps one (the weights
+        stay as they train in this object)."""
+        from medisyn.models import save_components
+
+        kept = {stage: self.weights(stage) for stage in self.ema}  # type: ignore[arg-type]
+        try:
+            for stage in self.ema:
+                self.load(stage, self.ema[stage])  # type: ignore[arg-type]
+            save_components(self.components, out_dir)
+        finally:
+            for stage, w in kept.items():
+                self.load(stage, w)  # type: ignore[arg-type]
+
+
+def carries_run_ema(cfg: FederationConfig) -> bool:
+    """Whether training rounds carry the run's EMA with the weights (``[train] ema_scope =
+    "run"`` with an EMA on)."""
+    return cfg.train.ema_scope == "run" and bool(cfg.train.ema_decay)
 
 
 def frozen_for(cfg: FederationConfig, stage: Stage) -> list[Stage]:
@@ -404,6 +485,7 @@ class RoundResult:
     send_receive_seconds: float = 0.0
     capped: dict[str, tuple[float, int]] = field(default_factory=dict)  # site -> (claimed, cap)
     aggregate_problem: str | None = None  # why the aggregate was refused (model unchanged)
+    ema_steps: int = 0  # steps the new state's run EMA has taken beyond the one sent
 
 
 def _packed_record(msg: Message) -> ArrayRecord:
@@ -532,6 +614,8 @@ def train_round(
           weights[c.site], float(c.metrics.get("loss", 0.0))) for c in verdict.accepted],
         layout,
     )
+    if result.new_state is not None:
+        result.ema_steps = cfg.steps_for(stage)
     return result
 
 
@@ -571,13 +655,20 @@ def cyclic_round(grid: Grid, strategy: Any, cfg: FederationConfig, *, current: d
     of the same steps. Each site's reply is checked as in :func:`train_round` (alone: the
     median rule needs 3 replies, ``max_update_norm`` applies). The order rotates every
     round, so no site is always the last to train. A site that fails or is rejected is
-    skipped; the chain goes on from the model before it."""
+    skipped; the chain goes on from the model before it. A run EMA (``P.EMA_STEP`` in the
+    extra config) goes along the chain: each site steps it on from where the site before
+    it left it."""
     nodes = sorted(grid.get_node_ids())
     shift = (stage_round - 1) % len(nodes) if nodes else 0
     out = RoundResult()
     losses: list[float] = []
+    extra = dict(kw.pop("extra_config", None) or {})
+    ema_base = int(extra.get(P.EMA_STEP, 0))
     for node in nodes[shift:] + nodes[:shift]:
-        res = train_round(_OneSite(grid, node), strategy, cfg, current=current, stage_round=stage_round, **kw)
+        if P.EMA_STEP in extra:
+            extra[P.EMA_STEP] = ema_base + out.ema_steps
+        res = train_round(_OneSite(grid, node), strategy, cfg, current=current, stage_round=stage_round,
+                          extra_config=dict(extra), **kw)
         out.accepted.update(res.accepted)
         out.failed.update(res.failed)
         out.budget_failures += res.budget_failures
@@ -589,6 +680,7 @@ def cyclic_round(grid: Grid, strategy: Any, cfg: FederationConfig, *, current: d
             losses.append(res.loss)
         if res.new_state is not None:
             current = out.new_state = res.new_state
+            out.ema_steps += res.ema_steps
     out.loss = float(np.mean(losses)) if losses else None
     return out
 
@@ -688,7 +780,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             status(run_dir, Outcome.NO_SITES, round=global_round - 1, message=msg)
             return Outcome.NO_SITES
         t0 = time.time()
-        current, frozen, extra = stage_payload(model, cfg, stage)
+        _, frozen, extra = stage_payload(model, cfg, stage)
+        carry_ema = carries_run_ema(cfg)
+        current = model.train_state(stage, carry_ema)
         if stage == "unet" and anchor is None:  # asked once per run, at its first UNet round
             prompts, types, answered = site_catalogue(grid, cfg, node_sites)
             # the saved model then knows which types are grey (generation makes them channel-equal)
@@ -700,18 +794,19 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
             global_round=global_round, stage=stage, stage_round=stage_round,
             frozen=frozen or None, node_sites=node_sites, extra_config=extra,
         )
+        train_kw = {**kw, "extra_config": {**extra, P.EMA_STEP: model.ema_step.get(stage, 0)} if carry_ema else extra}
         one_round = cyclic_round if cfg.strategy.name == "cyclic" else train_round
-        res = one_round(grid, strategy, cfg, current=current, site_seconds=site_seconds, **kw)
+        res = one_round(grid, strategy, cfg, current=current, site_seconds=site_seconds, **train_kw)
         site_seconds.update({site: float(m[P.SITE_SECONDS]) for site, m in res.accepted.items()
                              if P.SITE_SECONDS in m})
         if res.new_state is not None:
-            model.load(stage, res.new_state)
-            current = res.new_state
+            model.load(stage, res.new_state, ema_steps=res.ema_steps)
             if stage == "vae":
                 model.update_latent_scale(res.accepted)
         eval_loss, eval_sites, eval_failed = (None, {}, {})
         if res.accepted and _should_evaluate(cfg, stage, stage_round):
-            eval_loss, eval_sites, eval_failed = evaluate_round(grid, strategy, cfg, current=current, **kw)
+            # the held-out loss of the model as it would be released (the run's EMA, if kept)
+            eval_loss, eval_sites, eval_failed = evaluate_round(grid, strategy, cfg, current=model.state(stage), **kw)
         record = round_record(
             cfg, global_round, stage, stage_round, res, time.time() - t0,
             eval_loss=eval_loss, eval_sites=eval_sites, eval_failed=eval_failed,
@@ -792,7 +887,7 @@ def _publish(model: GlobalModel, run_dir: Path) -> Path:
 
     final, tmp = run_dir / "model", run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)
+    model.save_release(tmp)
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -3,6 +3,7 @@
 from medisyn.models.components import (
     Components,
     build_components,
+    live_trainable_state,
     load_components,
     load_trainable_state,
     model_hash,
@@ -23,6 +24,7 @@ __all__ = [
     "default_text_encoder_dir",
     "load_components",
     "load_text_encoder",
+    "live_trainable_state",
     "load_trainable_state",
     "model_hash",
     "pipeline_from",

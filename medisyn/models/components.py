@@ -191,15 +191,19 @@ def trainable_module(c: Components, stage: Stage) -> torch.nn.Module:
     return c.unet
 
 
-def trainable_state(c: Components, stage: Stage) -> dict[str, torch.Tensor]:
-    """Exactly the weights that train (and travel) in ``stage``, as detached CPU tensors."""
+def live_trainable_state(c: Components, stage: Stage) -> dict[str, torch.Tensor]:
+    """The weights of :func:`trainable_state` as the model holds them (no copy: they share
+    the parameters' storage, so they follow the optimizer's in-place steps)."""
     if stage == "unet" and _lora_active(c.unet):
         from peft.utils import get_peft_model_state_dict
 
-        sd = get_peft_model_state_dict(c.unet)
-    else:
-        sd = trainable_module(c, stage).state_dict()
-    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+        return dict(get_peft_model_state_dict(c.unet))
+    return dict(trainable_module(c, stage).state_dict())
+
+
+def trainable_state(c: Components, stage: Stage) -> dict[str, torch.Tensor]:
+    """Exactly the weights that train (and travel) in ``stage``, as detached CPU tensors."""
+    return {k: v.detach().cpu().clone() for k, v in live_trainable_state(c, stage).items()}
 
 
 def load_trainable_state(c: Components, stage: Stage, state: dict[str, torch.Tensor]) -> None:
