@@ -233,7 +233,10 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     port = free_port()
     cleanup.ports.append(port)
     sites = ["breast-us", "general"]
-    cfg = federation(tmp_path, port, sites, stages=["vae", "unet"], rounds=1)
+    # the run's EMA travels with the weights (ema_scope "run"): through the real processes,
+    # a DP site, the crash and the resume, into the released model the audit checks
+    cfg = federation(tmp_path, port, sites, stages=["vae", "unet"], rounds=1,
+                     train={"batch_size": 8, "num_threads": 1, "ema_scope": "run"})
     cfg_path = tmp_path / "federation.toml"
     cfg_path.write_text(_toml(cfg))
     dp = '[privacy]\ndp = true\nnoise_multiplier = 1.0\nmax_epsilon = 50.0\naccountant = "rdp"\n'
@@ -281,6 +284,19 @@ def test_server_killed_mid_run_resumes_at_next_round(tmp_path, cleanup):
     assert state["round"] == 2 == cfg.total_rounds and len(state["metrics"]) == 2
     assert read_status(cfg.run_dir)["state"] == "done"
     assert (cfg.run_dir / "model" / "model_index.json").is_file()
+    # the run's EMA: kept beside the weights over the crash (3 steps of each stage), released
+    from medisyn.server.federation import RUN_EMA_FILE
+    from safetensors.numpy import load_file
+
+    kept = load_file(str(cfg.run_dir / "checkpoints" / "round-0002" / "model" / RUN_EMA_FILE))
+    assert int(kept["vae/#step"]) == 3 and int(kept["unet/#step"]) == 3
+    released = load_file(str(cfg.run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(cfg.run_dir / "checkpoints" / "round-0002" / "model" / "unet" /
+                        "diffusion_pytorch_model.safetensors"))
+    ema = {k.split("/", 1)[1]: v for k, v in kept.items() if k.startswith("unet/") and not k.endswith("#step")}
+    assert all(np.array_equal(released[k], v) for k, v in ema.items())
+    assert any(not np.array_equal(released[k], raw[k]) for k in ema)
+    assert not (cfg.run_dir / "model" / RUN_EMA_FILE).exists()
     # DP at breast-us: cumulative ε, checked against a fresh accountant on the ledger.
     eps = [r["sites"]["breast-us"]["epsilon"] for r in records]
     assert 0 < eps[0] < eps[1]
