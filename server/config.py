@@ -207,6 +207,14 @@ class FederationConfig(_Frozen):
             )
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"sites {self.sites} repeats a site id")
+        st = self.strategy
+        plain = st.name in ("fedavg", "fedprox", "cyclic") or (
+            st.name == "fedavgm" and st.server_lr == 1.0 and st.server_momentum == 0.0)
+        if self.train.ema_scope == "run" and self.train.ema_decay and not plain:
+            # the run's EMA is aggregated with the weights; a server optimizer would step it too
+            raise ValueError(
+                f"[train] ema_scope = \"run\" needs an averaging strategy (fedavg, fedprox, cyclic); "
+                f"[strategy] name = {st.name!r} would move the EMA with its server optimizer")
         return self
 
     def rounds_for(self, stage: Stage) -> int:

@@ -154,3 +154,22 @@ def test_a_site_counts_the_model_once_when_the_ema_travels_with_it():
     own = {"b": (2,), "a": (3,)}
     assert stage_layout({}, own) == [("a", (3,)), ("b", (2,))]
     assert stage_layout({P.EMA_STEP: 0}, own) == [("a", (3,)), ("b", (2,)), ("ema.a", (3,)), ("ema.b", (2,))]
+
+
+def test_a_server_optimizer_would_move_the_runs_ema_so_it_is_refused(tmp_path):
+    from medisyn.server.config import load_federation_config
+
+    from medisyn.errors import ConfigError
+
+    p = tmp_path / "f.toml"
+    for strategy, ok in (('name = "fedadam"', False), ('name = "fedavgm"\nserver_lr = 2.0', False),
+                         ('name = "fedavgm"', True), ('name = "cyclic"', True), ('name = "fedprox"', True)):
+        p.write_text(f'[train]\nema_scope = "run"\n[strategy]\n{strategy}\n')
+        if ok:
+            assert load_federation_config(p).train.ema_scope == "run"
+        else:
+            with pytest.raises(ConfigError, match=r"ema_scope = \"run\" needs an averaging strategy"):
+                load_federation_config(p)
+    # with the EMA off there is nothing to carry
+    p.write_text('[train]\nema_scope = "run"\nema_decay = 0\n[strategy]\nname = "fedadam"\n')
+    assert load_federation_config(p).strategy.name == "fedadam"
