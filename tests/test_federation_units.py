@@ -510,7 +510,7 @@ def test_site_loads_the_frozen_weights_the_server_writes(tmp_path):
     assert extra[P.FROZEN_STAGES] == "vae"
     config = {P.STAGE: "unet", P.SEED: cfg.seed, P.MODEL_CONFIG: cfg.model.model_dump_json(), **extra}
     site = load_site_config(write_site(tmp_path, "breast-us"))
-    comps, _, stage = _components(site, config, P.pack(state), P.pack(frozen))
+    comps, _, stage, _ = _components(site, config, P.pack(state), P.pack(frozen))
     assert stage == "unet"
     for s in ("vae", "unet"):
         want, got = trainable_state(model.components, s), trainable_state(comps, s)
