@@ -169,6 +169,13 @@ class GlobalModel:
             self.ema[stage] = {k: np.array(v, dtype=np.float32) for k, v in ema.items()}
             self.ema_step[stage] = self.ema_step.get(stage, 0) + int(ema_steps)
 
+    def fold_run_ema(self) -> None:
+        """Make each stage's run EMA its weights and keep no EMA from here on."""
+        for stage, ema in self.ema.items():
+            self.load(stage, ema)  # type: ignore[arg-type]
+        self.ema.clear()
+        self.ema_step.clear()
+
     def _load_run_ema(self, path: Path) -> None:
         from safetensors.numpy import load_file
 
@@ -759,6 +766,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, *, resume: bool = False, a
     if resume and ckpt is None:
         logger.warning("--resume: no checkpoint in %s; starting at round 1", run_dir)
     model, history = _starting_point(cfg, ckpt, metrics_path)
+    if model.ema and not carries_run_ema(cfg):
+        # a run resumed with ema_scope changed from "run": its EMA would be released stale
+        logger.warning("the checkpoint keeps the run's EMA of %s but [train] ema_scope is not \"run\" now: "
+                       "continuing from the EMA's weights", sorted(model.ema))
+        model.fold_run_ema()
     start = ckpt.round + 1 if ckpt is not None else 1
     status(run_dir, Outcome.RUNNING, round=start - 1, total_rounds=cfg.total_rounds)
 

@@ -173,3 +173,34 @@ def test_a_server_optimizer_would_move_the_runs_ema_so_it_is_refused(tmp_path):
     # with the EMA off there is nothing to carry
     p.write_text('[train]\nema_scope = "run"\nema_decay = 0\n[strategy]\nname = "fedadam"\n')
     assert load_federation_config(p).strategy.name == "fedadam"
+
+
+def test_resuming_without_the_runs_ema_continues_from_it(tmp_path, client_app, caplog):  # noqa: F811
+    """A run checkpointed with ema_scope "run" and resumed with "round" must not release
+    the stale EMA: it continues from the EMA's weights, with a warning."""
+    sites = SITES[:2]
+    train = TrainConfig(batch_size=8, num_threads=1, ema_decay=0.99, ema_scope="run")
+    cfg = fed_cfg(tmp_path, stages=["unet"], rounds=2, local_steps=2, sites=sites, train=train, min_sites=2,
+                  strategy={"name": "cyclic"})
+    nodes = node_configs(tmp_path, sites=sites)
+    grid = LocalGrid(nodes, client_app)
+    grid.crash_after_sends = 2
+    with pytest.raises(KeyboardInterrupt):
+        fed.run_federation(grid, cfg)
+    ema = fed.GlobalModel(TINY_MODEL, from_dir=latest_checkpoint(cfg.run_dir).model_dir).ema["unet"]
+    sent: list = []
+
+    def first_weights(msg, ctx):
+        if msg.metadata.message_type == "train":
+            sent.append((msg.content.config_records[P.CONFIG].get(P.EMA_STEP),
+                         np.asarray(msg.content["arrays"][P.PACKED].numpy()).copy()))
+        return client_app(msg, ctx)
+
+    cfg2 = cfg.model_copy(update={"train": train.model_copy(update={"ema_scope": "round"})})
+    with caplog.at_level("WARNING"):
+        assert fed.run_federation(LocalGrid(nodes, first_weights), cfg2, resume=True) == fed.Outcome.DONE
+    assert "continuing from the EMA's weights" in caplog.text
+    step, packed = sent[0]
+    assert step is None  # plain weights, no EMA beside them: the EMA's own
+    np.testing.assert_array_equal(packed, P.pack(ema))
+    assert not (latest_checkpoint(cfg.run_dir).model_dir / fed.RUN_EMA_FILE).exists()
