@@ -301,7 +301,7 @@ class RunEMAHook:
     ``EMAModel`` warm-up (decay ``1 - (1 + k)^-2/3``, capped at ``decay``), so a chain of
     rounds yields the EMA one process would have kept over all of them. Every weight of the
     stage takes part (also ones frozen at this site: their EMA moves toward their value).
-    The model keeps its own weights; the EMA is returned beside them (:meth:`state`)."""
+    The model keeps its own weights; the EMA is returned beside them (:meth:`weights`)."""
 
     def __init__(self, live: Mapping[str, torch.Tensor], shadow: Mapping[str, torch.Tensor], step: int,
                  decay: float):
