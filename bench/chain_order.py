@@ -152,6 +152,12 @@ def install_scaffold(order: Order) -> None:
     T.PlainStepper.apply = apply
 
 
+def _visit_starts(order: Order, step: int) -> bool:
+    """Whether ``step`` starts a visit: the first step, another site, or a new round."""
+    return step == 0 or (order.site_of(step), order.round_of(step)) != (order.site_of(step - 1),
+                                                                         order.round_of(step - 1))
+
+
 def install_visit_ema(order: Order) -> None:
     """The federated chain's EMA in one process: at every change of site the EMA's weights
     become the model's (as a site returns them and the next site starts from them) and a
@@ -160,20 +166,13 @@ def install_visit_ema(order: Order) -> None:
     class VisitEMA(T.EMAHook):
         def after_step(self, step: int) -> None:
             super().after_step(step)
-            # the next step starts another visit: another site, or the same site in a new round
-            if (order.site_of(step), order.round_of(step)) != (order.site_of(step - 1), order.round_of(step - 1)):
+            if _visit_starts(order, step):  # ``step`` (the next one) starts another visit
                 self.ema.copy_to(self.params)
                 for shadow, p in zip(self.ema.shadow_params, self.params, strict=True):
                     shadow.copy_(p.detach())
                 self.ema.optimization_step = 0
 
     T.EMAHook = VisitEMA
-
-
-def _visit_starts(order: Order, step: int) -> bool:
-    """Whether ``step`` starts a visit: the first step, another site, or a new round."""
-    return step == 0 or (order.site_of(step), order.round_of(step)) != (order.site_of(step - 1),
-                                                                         order.round_of(step - 1))
 
 
 def install_site_moments(order: Order) -> None:
