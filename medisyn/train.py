@@ -353,6 +353,19 @@ class RunEMAHook:
         self.step = int(tensors["ema.step"])
 
 
+def _ema_hook(c: Components, stage: Stage, params: list[torch.nn.Parameter], config: TrainConfig,
+              run_ema: tuple[Mapping[str, torch.Tensor], int] | None) -> EMAHook | RunEMAHook | None:
+    """The round's EMA: the run's, carried on (``run_ema`` given), else one of this round's
+    steps only; none with ``ema_decay`` off."""
+    if not config.ema_decay:
+        return None
+    if run_ema is not None:
+        from medisyn.models import live_trainable_state
+
+        return RunEMAHook(live_trainable_state(c, stage), run_ema[0], run_ema[1], config.ema_decay)
+    return EMAHook(params, config.ema_decay)
+
+
 def split_run_ema(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(weights, run EMA)`` of a stage state that may carry the run's EMA (``ema.<name>``
     keys, prefix removed); the EMA is empty when the state carries none."""
@@ -874,13 +887,7 @@ def train_local(
             raise ConfigError(f"stage {stage!r} has no trainable parameters")
         lr = config.vae_lr if stage == "vae" else config.lr
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-        ema: EMAHook | RunEMAHook | None = None
-        if run_ema is not None and config.ema_decay:
-            from medisyn.models import live_trainable_state
-
-            ema = RunEMAHook(live_trainable_state(c, stage), run_ema[0], run_ema[1], config.ema_decay)
-        elif config.ema_decay:
-            ema = EMAHook(params, config.ema_decay)
+        ema = _ema_hook(c, stage, params, config, run_ema)
         proximal = ProximalHook(params, proximal_mu) if proximal_mu > 0 else None
         anchor = PromptAnchorHook.for_round(objective, module, anchor_prompts, config)
 
