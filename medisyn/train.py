@@ -328,12 +328,12 @@ class RunEMAHook:
     def after_step(self, step: int) -> None:
         self.step += 1
         weight = 1.0 - self.current_decay()
+        floats = [k for k, s in self.shadow.items() if s.is_floating_point()]
+        if floats:  # one fused lerp over every float weight, not one Python call each
+            torch._foreach_lerp_([self.shadow[k] for k in floats], [self.live[k].detach() for k in floats], weight)
         for k, s in self.shadow.items():
-            v = self.live[k]
-            if s.is_floating_point():
-                s.lerp_(v.detach(), weight)
-            else:
-                s.copy_(v)
+            if not s.is_floating_point():
+                s.copy_(self.live[k])
 
     def finish(self) -> None:
         """Nothing: the model keeps its own weights, the EMA travels beside them."""
