@@ -318,6 +318,10 @@ class RunEMAHook:
                 raise ValueError(f"the run's EMA of {k!r} has shape {tuple(shadow[k].shape)}; the weight is "
                                  f"{tuple(v.shape)}")
             self.shadow[k] = shadow[k].detach().to(device=v.device, dtype=v.dtype).clone()
+        # the float weights are lerped in one fused call per step; the rest are copied
+        floats = [k for k, s in self.shadow.items() if s.is_floating_point()]
+        self._float_pairs = ([self.shadow[k] for k in floats], [self.live[k].detach() for k in floats])
+        self._other_keys = [k for k, s in self.shadow.items() if not s.is_floating_point()]
 
     def current_decay(self) -> float:
         """diffusers' ``EMAModel.get_decay`` at this step (``update_after_step`` 0)."""
@@ -328,12 +332,10 @@ class RunEMAHook:
     def after_step(self, step: int) -> None:
         self.step += 1
         weight = 1.0 - self.current_decay()
-        floats = [k for k, s in self.shadow.items() if s.is_floating_point()]
-        if floats:  # one fused lerp over every float weight, not one Python call each
-            torch._foreach_lerp_([self.shadow[k] for k in floats], [self.live[k].detach() for k in floats], weight)
-        for k, s in self.shadow.items():
-            if not s.is_floating_point():
-                s.copy_(self.live[k])
+        if self._float_pairs[0]:
+            torch._foreach_lerp_(*self._float_pairs, weight)
+        for k in self._other_keys:
+            self.shadow[k].copy_(self.live[k])
 
     def finish(self) -> None:
         """Nothing: the model keeps its own weights, the EMA travels beside them."""
